@@ -1,0 +1,216 @@
+"""The experiment configuration: pydantic models of the YAML file.
+
+Every stage takes a ``Config``. Unknown keys are refused (a typo in a YAML key is an error, not a
+silent default). The resolved config is saved in the run folder by each stage.
+
+Example:
+    >>> cfg = Config.model_validate({"name": "demo", "preprocess": {"shape": [64, 64, 64]}})
+    >>> cfg.preprocess.shape
+    (64, 64, 64)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "ClassifyConfig",
+    "Config",
+    "DataConfig",
+    "IOConfig",
+    "IntensityConfig",
+    "PreprocessConfig",
+    "SegmentConfig",
+    "ViewsConfig",
+    "load_config",
+    "save_config",
+]
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class IOConfig(Section):
+    """Header checks and read options (see ``pipeline.io.read_volume``)."""
+
+    max_voxels: int = Field(1_000_000_000, gt=0)
+    allow_2d: bool = False
+    volume_index: int | None = None
+    nonfinite: Literal["error", "zero"] = "error"
+
+
+class DataConfig(Section):
+    """Where the cases come from and how they are split."""
+
+    manifest: Path | None = None
+    input: Path | None = None
+    classes: list[str] | None = None
+    allow_outside_paths: bool = False
+    val_fraction: float = Field(0.15, ge=0, lt=1)
+    test_fraction: float = Field(0.15, ge=0, lt=1)
+    seed: int = 0
+
+
+class IntensityConfig(Section):
+    """Intensity handling: CT window, MR percentile + z-score, min-max, or none."""
+
+    mode: Literal["ct", "mr", "minmax", "none"] = "ct"
+    window: tuple[float, float] = (-1024.0, 600.0)
+    percentiles: tuple[float, float] = (0.5, 99.5)
+
+
+class ViewsConfig(Section):
+    """Which three orthogonal views are cut, and how (see ``pipeline.preprocess.views``)."""
+
+    center: Literal["volume", "mask", "point"] = "volume"
+    point: tuple[float, float, float] | None = None  # RAS mm, with center: point
+    mode: Literal["slice", "slab", "mean", "max", "projections"] = "slice"
+    thickness: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _point_given(self) -> ViewsConfig:
+        if self.center == "point" and self.point is None:
+            raise ValueError("views.center 'point' needs views.point (RAS mm)")
+        return self
+
+
+class PreprocessConfig(Section):
+    """Spatial and intensity preprocessing into a cube, plus the views cut from it."""
+
+    spacing: tuple[float, float, float] | None = (1.5, 1.5, 1.5)
+    shape: tuple[int, int, int] = (128, 128, 128)
+    fit: Literal["resize", "pad"] = "resize"
+    crop_foreground: bool = True
+    foreground_threshold: float | None = None
+    margin_mm: float = Field(5.0, ge=0)
+    intensity: IntensityConfig = IntensityConfig()
+    views: ViewsConfig = ViewsConfig()
+    cache_volume: bool = True
+    workers: int = Field(0, ge=0)
+
+
+class ClassifyConfig(Section):
+    """Classifier training (owned by the classifier stage)."""
+
+    model: str = "cnn_lstm"  # see pipeline.models.MODELS: cnn_lstm, conv_lstm, cnn3d
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+    # model
+    encoder: Literal["conv", "resnet"] = "conv"
+    features: int = Field(32, ge=1)
+    depth: int = Field(3, ge=1)
+    rnn: Literal["lstm", "gru"] = "lstm"
+    hidden: int = Field(64, ge=1)
+    bidirectional: bool = True
+    dropout: float = Field(0.3, ge=0, lt=1)
+    # optimisation (pipeline.train.loop)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    scheduler: Literal["cosine", "plateau", "none"] = "cosine"
+    patience: int | None = Field(10, ge=1)
+    monitor: Literal["auc", "balanced_accuracy", "accuracy"] = "auc"
+    # class balancing (pipeline.balance) and augmentation (pipeline.augment)
+    balance: Literal[
+        "none", "weighted_sampler", "oversample_augment", "undersample", "class_weighted_loss", "focal"
+    ] = "weighted_sampler"
+    oversample_ratio: float = Field(1.0, gt=0, le=1)  # minority / majority after oversampling
+    undersample_ratio: float = Field(1.0, ge=1)  # majority / minority kept per epoch
+    focal_gamma: float = Field(2.0, ge=0)
+    augment: bool = True
+    flip_axes: tuple[int, ...] = (0,)  # volume axes (RAS i, j, k) flipped at random; 0 = left-right
+    affine_prob: float = Field(0.3, ge=0, le=1)
+    rotate_degrees: float = Field(10.0, ge=0)
+    scale: float = Field(0.1, ge=0)
+    intensity_prob: float = Field(0.0, ge=0, le=1)
+    noise_std: float = Field(0.0, ge=0)
+    # evaluation
+    threshold: Literal["youden", "balanced_accuracy"] = "youden"
+    n_boot: int = Field(1000, ge=0)
+    workers: int = Field(0, ge=0)
+    device: str = "cpu"
+
+
+class SegmentConfig(Section):
+    """Lung segmentation training and inference (owned by the segmentation stage)."""
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+    # slices (pipeline.segment.slices) and net (pipeline.models.lung_unet)
+    size: int = Field(256, ge=16)
+    window: tuple[float, float] = (-1024.0, 600.0)
+    body_threshold: float = -500.0
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    num_res_units: int = Field(2, ge=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # optimisation (pipeline.train.loop); early stopping on validation Dice
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    patience: int | None = Field(10, ge=1)
+    augment: bool = True
+    slices_per_volume: int | None = Field(None, ge=1)  # axial slices sampled from each 3D training volume
+    # inference and post-processing (pipeline.segment.postprocess)
+    infer_batch: int = Field(4, ge=1)
+    keep_components: int = Field(2, ge=1)
+    max_hole_mm2: float = Field(2000.0, ge=0)
+    label_sides: bool = True
+
+
+class Config(Section):
+    """The whole experiment."""
+
+    name: str = "default"
+    run: Path | None = None
+    io: IOConfig = IOConfig()
+    data: DataConfig = DataConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    classify: ClassifyConfig = ClassifyConfig()
+    segment: SegmentConfig = SegmentConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder: ``run`` if given, else ``runs/<name>``."""
+        return self.run if self.run is not None else Path("runs") / self.name
+
+
+def load_config(path: str | Path | None = None, **overrides: object) -> Config:
+    """Load a YAML config (or the defaults) and apply dotted-key overrides such as ``io.allow_2d``.
+
+    Relative data paths in the file are taken relative to the file's folder.
+    """
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the config must be a mapping of sections")
+        for key in ("manifest", "input"):
+            value = raw.get("data", {}).get(key)
+            if value is not None and not Path(value).is_absolute():
+                raw["data"][key] = str((path.parent / value).resolve())
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return Config.model_validate(raw)
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically)."""
+    from pipeline.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    return Path(path)

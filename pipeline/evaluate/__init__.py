@@ -1,0 +1,1 @@
+"""Metrics for the classify and segment stages, with bootstrap confidence intervals."""

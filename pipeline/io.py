@@ -1,0 +1,348 @@
+"""Geometry-faithful volume I/O.
+
+``read_volume`` checks a file's header before it reads a voxel (dimensionality, spacing, size), then
+reads it with SimpleITK, which handles NIfTI, NRRD, MHA/MHD and DICOM series alike. ``write_like``
+writes an array (a mask, a prediction) on a reference image's exact grid: for a NIfTI reference it
+reuses that file's own header, so the affine, shape, qform/sform codes and orientation are identical;
+for any other reference it copies origin, spacing and direction. Every write is atomic.
+
+Array axis order is (i, j, k): ``volume.array[i, j, k]`` is the voxel that ``volume.affine`` maps to
+RAS+ millimetres, exactly as nibabel would present it.
+
+Example:
+    >>> vol = read_volume("scan.nii.gz")                            # doctest: +SKIP
+    >>> write_like((vol.array > -400).astype("uint8"), vol, "body.nii.gz")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+__all__ = [
+    "DEFAULT_MAX_VOXELS",
+    "IMAGE_SUFFIXES",
+    "Header",
+    "Volume",
+    "VolumeError",
+    "atomic_path",
+    "is_nifti",
+    "read_header",
+    "read_volume",
+    "save_nifti",
+    "sitk_affine",
+    "write_like",
+]
+
+DEFAULT_MAX_VOXELS = 1_000_000_000
+# Flips between ITK's LPS+ physical space and the RAS+ space of NIfTI affines.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+class VolumeError(ValueError):
+    """A volume that cannot be used; the message names the file and the reason."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    """True if the path has a NIfTI suffix (.nii or .nii.gz)."""
+    name = str(path).lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a file's header says, read without touching voxel data."""
+
+    path: Path
+    size: tuple[int, ...]  # ITK index order (i, j, k[, t])
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+    pixel_type: str
+    components: int
+    dicom_files: tuple[str, ...] = ()
+
+    @property
+    def dimension(self) -> int:
+        return len(self.size)
+
+    @property
+    def voxels(self) -> int:
+        return int(np.prod(self.size, dtype=np.int64))
+
+
+def sitk_affine(image: sitk.Image) -> np.ndarray:
+    """The 4x4 voxel-to-RAS+ affine of a 3D SimpleITK image (nibabel's convention)."""
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = LPS_TO_RAS @ direction @ np.diag(image.GetSpacing())
+    affine[:3, 3] = LPS_TO_RAS @ np.asarray(image.GetOrigin(), dtype=float)
+    return affine
+
+
+@dataclass
+class Volume:
+    """A 3D scalar volume with its geometry of record (the SimpleITK image)."""
+
+    image: sitk.Image
+    path: Path
+
+    @property
+    def array(self) -> np.ndarray:
+        """A read-only (i, j, k) view of the voxels (no copy)."""
+        return sitk.GetArrayViewFromImage(self.image).transpose(2, 1, 0)
+
+    @property
+    def affine(self) -> np.ndarray:
+        return sitk_affine(self.image)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.image.GetSize())  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(self.image.GetSpacing())  # type: ignore[return-value]
+
+    @property
+    def axcodes(self) -> tuple[str, str, str]:
+        return nib.aff2axcodes(self.affine)
+
+
+def _first_line(exc: Exception) -> str:
+    """The informative part of a SimpleITK exception (its messages span many lines)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if "Description:" in ln or "ERROR" in ln.upper()]
+    text = (useful or lines or [type(exc).__name__])[-1]
+    return text.split("Description:")[-1].strip()[:300]
+
+
+def _dicom_series(folder: Path, series_uid: str | None) -> tuple[str, ...]:
+    """The sorted file names of one DICOM series in a folder."""
+    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not uids:
+        raise VolumeError(folder, "folder holds no readable DICOM series")
+    if series_uid is None:
+        if len(uids) > 1:
+            raise VolumeError(folder, f"folder holds {len(uids)} DICOM series; name one of {list(uids)}")
+        series_uid = uids[0]
+    elif series_uid not in uids:
+        raise VolumeError(folder, f"DICOM series {series_uid} not found (found {list(uids)})")
+    return tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
+
+
+def read_header(path: str | os.PathLike, series_uid: str | None = None) -> Header:
+    """Read a file's (or DICOM series') header only; raise VolumeError if it is unreadable."""
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(path, "file not found")
+    files: tuple[str, ...] = ()
+    if path.is_dir():
+        files = _dicom_series(path, series_uid)
+        info_file = files[0]
+    else:
+        if path.stat().st_size == 0:
+            raise VolumeError(path, "empty file (0 bytes)")
+        info_file = str(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(info_file)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise VolumeError(path, f"not a readable image ({_first_line(exc)})") from exc
+    size = tuple(int(s) for s in reader.GetSize())
+    spacing = tuple(float(s) for s in reader.GetSpacing())
+    if files:  # one file per slice: the header of the first file is 2D or a one-slice 3D
+        size = (*size[:2], len(files))
+        spacing = (*spacing[:2], spacing[2] if len(spacing) > 2 else 1.0)
+    return Header(
+        path=path,
+        size=size,
+        spacing=spacing,
+        origin=tuple(reader.GetOrigin()),
+        direction=tuple(reader.GetDirection()),
+        pixel_type=sitk.GetPixelIDValueAsString(reader.GetPixelID()),
+        components=int(reader.GetNumberOfComponents()),
+        dicom_files=files,
+    )
+
+
+def check_header(
+    header: Header,
+    *,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    allow_2d: bool = False,
+    volume_index: int | None = None,
+) -> None:
+    """Refuse a header that cannot give a sane 3D volume, before any voxel is read."""
+    path, size = header.path, header.size
+    if header.components != 1:
+        raise VolumeError(path, f"{header.components}-component (RGB/vector) image; a scalar image is needed")
+    if header.dimension not in (2, 3, 4):
+        raise VolumeError(path, f"{header.dimension}D image is not supported")
+    if header.dimension == 4 and volume_index is None:
+        raise VolumeError(path, f"4D image {size}: give a volume index (io.volume_index) to pick one volume")
+    if header.dimension == 4 and not 0 <= volume_index < size[3]:  # type: ignore[operator]
+        raise VolumeError(path, f"volume index {volume_index} is outside 0..{size[3] - 1}")
+    if any(s < 1 for s in size):
+        raise VolumeError(path, f"empty image size {size}")
+    spatial = size[:3]
+    flat = header.dimension == 2 or min(spatial) == 1
+    if flat and not allow_2d:
+        raise VolumeError(path, f"2D image {size}: set io.allow_2d to treat it as a one-slice volume")
+    spacing = np.asarray(header.spacing[:3], dtype=float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise VolumeError(path, f"spacing {tuple(spacing)} is not finite and positive")
+    n = int(np.prod(spatial, dtype=np.int64))
+    if n > max_voxels:
+        raise VolumeError(path, f"{n:,} voxels {spatial} exceed the limit of {max_voxels:,} (io.max_voxels)")
+    direction = np.asarray(header.direction, dtype=float)
+    dim = header.dimension
+    if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction.reshape(dim, dim))) < 1e-6:
+        raise VolumeError(path, "direction cosines are not finite or singular")
+
+
+def _execute(path: Path, header: Header, volume_index: int | None) -> sitk.Image:
+    """Read the voxels of a checked header into a 3D SimpleITK image."""
+    try:
+        if header.dicom_files:
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(list(header.dicom_files))
+            image = reader.Execute()
+        else:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            if header.dimension == 4:  # extract one volume while reading; a size of 0 drops the axis
+                reader.SetExtractIndex([0, 0, 0, int(volume_index or 0)])
+                reader.SetExtractSize([*header.size[:3], 0])
+            image = reader.Execute()
+    except RuntimeError as exc:
+        raise VolumeError(path, f"truncated or corrupt image data ({_first_line(exc)})") from exc
+    if image.GetDimension() == 2:
+        image = sitk.JoinSeries(image)
+    return image
+
+
+def _check_finite(image: sitk.Image, path: Path, nonfinite: str) -> sitk.Image:
+    """Raise on NaN/Inf voxels, or replace them with 0 when ``nonfinite == "zero"``."""
+    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        return image
+    view = sitk.GetArrayViewFromImage(image)
+    bad = int(np.count_nonzero(~np.isfinite(view)))
+    if bad == 0:
+        return image
+    if nonfinite != "zero":
+        raise VolumeError(path, f"{bad:,} NaN/Inf voxels (set io.nonfinite: zero to replace them with 0)")
+    fixed = sitk.GetImageFromArray(np.nan_to_num(view, nan=0.0, posinf=0.0, neginf=0.0))
+    fixed.CopyInformation(image)
+    return fixed
+
+
+def read_volume(
+    path: str | os.PathLike,
+    *,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    allow_2d: bool = False,
+    volume_index: int | None = None,
+    nonfinite: str = "error",
+    series_uid: str | None = None,
+) -> Volume:
+    """Read a 3D volume (file or DICOM series folder) after checking its header.
+
+    Raises VolumeError naming the file for: missing or empty files, non-images, corrupt or truncated
+    data, unsupported dimensionality, bad spacing, oversize headers and NaN/Inf voxels.
+    """
+    path = Path(path)
+    header = read_header(path, series_uid)
+    check_header(header, max_voxels=max_voxels, allow_2d=allow_2d, volume_index=volume_index)
+    image = _execute(path, header, volume_index)
+    return Volume(_check_finite(image, path, nonfinite), path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
+
+    The temporary name keeps the final suffixes so that format-sniffing writers behave.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_nifti(
+    path: str | os.PathLike,
+    array: np.ndarray,
+    affine: np.ndarray | None,
+    header: nib.Nifti1Header | None = None,
+    compresslevel: int = 1,
+) -> Path:
+    """Write an (i, j, k) array as NIfTI atomically; gzip level 1 is about 2.5x faster than 6.
+
+    With ``affine=None`` the given header's qform/sform (and their codes) are kept as they are.
+    The gzip stream has a zero timestamp, so identical inputs give byte-identical files.
+    """
+    image = nib.Nifti1Image(array, affine, header=header)
+    image.header.set_data_dtype(array.dtype)
+    image.header["scl_slope"], image.header["scl_inter"] = np.nan, np.nan
+    payload = image.to_bytes()
+    if str(path).endswith(".gz"):
+        payload = gzip.compress(payload, compresslevel=compresslevel, mtime=0)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
+    return Path(path)
+
+
+def write_like(
+    array: np.ndarray,
+    reference: Volume | str | os.PathLike,
+    path: str | os.PathLike,
+) -> Path:
+    """Write an (i, j, k) array on the reference image's exact grid, atomically.
+
+    A NIfTI reference lends its own header (affine, qform/sform codes, units), so the output opens
+    aligned in any viewer. Other references (NRRD, MHA, DICOM) lend origin, spacing and direction.
+    """
+    ref_path = reference.path if isinstance(reference, Volume) else Path(reference)
+    if is_nifti(ref_path) and ref_path.is_file():
+        ref_header = nib.load(ref_path).header
+        ref_shape = tuple(int(s) for s in ref_header.get_data_shape()[:3])
+        _check_shape(array, ref_shape, ref_path)
+        header = ref_header.copy()
+        header["descrip"] = b"medpipe"
+        return save_nifti(path, np.asarray(array), None, header=header)
+    volume = reference if isinstance(reference, Volume) else read_volume(ref_path, allow_2d=True)
+    _check_shape(array, volume.shape, ref_path)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)))
+    image.CopyInformation(volume.image)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), True, 1)
+    return Path(path)
+
+
+def _check_shape(array: np.ndarray, shape: tuple[int, ...], ref_path: Path) -> None:
+    if tuple(array.shape) != tuple(shape):
+        raise VolumeError(ref_path, f"array shape {tuple(array.shape)} does not match reference grid {shape}")

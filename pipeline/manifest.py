@@ -1,0 +1,276 @@
+"""Cases from a manifest CSV or a scan folder, validated, with a deterministic split.
+
+Manifest columns: ``case_id`` and ``image`` (required); ``label``, ``mask``, ``split`` and
+``patient_id`` (optional). Paths are relative to the manifest's folder; an ``image`` may be a DICOM
+series folder.
+
+Problems with the file as a whole (not UTF-8, a missing or unknown column, duplicate ids, no rows)
+raise ``ManifestError``, listing every one. Problems with one row (a missing file, a path that
+escapes the manifest folder, an unknown label or split) are kept on that ``Case`` as ``problem`` so
+the stage can give it an ``error`` ledger row while the other cases go on.
+
+Example:
+    >>> cases = read_manifest("data/manifest.csv")                      # doctest: +SKIP
+    >>> cases = assign_splits(cases, val_fraction=0.15, test_fraction=0.15, seed=0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from sklearn.model_selection import StratifiedGroupKFold
+
+from pipeline.io import IMAGE_SUFFIXES
+
+__all__ = [
+    "OPTIONAL_COLUMNS",
+    "REQUIRED_COLUMNS",
+    "SPLITS",
+    "Case",
+    "CaseSet",
+    "ManifestError",
+    "assign_splits",
+    "discover_folder",
+    "read_manifest",
+]
+
+REQUIRED_COLUMNS = ("case_id", "image")
+OPTIONAL_COLUMNS = ("label", "mask", "split", "patient_id")
+SPLITS = ("train", "val", "test")
+# Files a scan folder may hold beside its images; they are not cases.
+SIDE_FILES = (".csv", ".json", ".md", ".txt", ".raw", ".zraw", ".yaml", ".yml", ".log")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used at all; the message lists every problem found."""
+
+    def __init__(self, source: Path, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input case. ``problem`` is set when the row cannot be processed."""
+
+    case_id: str
+    image: Path
+    mask: Path | None = None
+    label: int | None = None
+    split: str | None = None
+    patient_id: str | None = None
+    series_uid: str | None = None
+    problem: str | None = None
+
+    @property
+    def group(self) -> str:
+        """The unit that must not cross splits: the patient if known, else the case."""
+        return self.patient_id or self.case_id
+
+
+@dataclass
+class CaseSet:
+    """Cases plus the class names their label indices refer to."""
+
+    cases: list[Case]
+    classes: list[str] = field(default_factory=list)
+    source: Path | None = None
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"{c.case_id}: {c.problem}" for c in self.cases if c.problem]
+
+
+def _decode(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ManifestError(path, [f"cannot read ({exc.strerror})"]) from exc
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(path, [f"not UTF-8 text (bad byte at offset {exc.start})"]) from exc
+
+
+def _resolve(root: Path, value: str, allow_outside: bool) -> tuple[Path, str | None]:
+    """Resolve a manifest path; return it with a problem string or None."""
+    path = (root / value).resolve()
+    if not allow_outside and not path.is_relative_to(root):
+        return path, f"path {value!r} escapes the manifest folder (set data.allow_outside_paths)"
+    if not path.exists():
+        return path, f"file not found: {value}"
+    return path, None
+
+
+def _class_names(labels: list[str], declared: list[str] | None) -> list[str]:
+    """Declared class names, or the sorted distinct labels (numerically when all are integers)."""
+    if declared:
+        return list(declared)
+    distinct = sorted(set(labels))
+    if all(s.lstrip("-").isdigit() for s in distinct):
+        return [str(v) for v in sorted(int(s) for s in distinct)]
+    return distinct
+
+
+def _label_index(value: str, classes: list[str]) -> int | None:
+    """A label given as a class name or as a class index, or None if it is neither."""
+    if value in classes:
+        return classes.index(value)
+    if value.isdigit() and int(value) < len(classes):
+        return int(value)
+    return None
+
+
+def read_manifest(path: str | Path, classes: list[str] | None = None, allow_outside: bool = False) -> CaseSet:
+    """Read and validate a manifest CSV; see the module docstring for what is fatal."""
+    path = Path(path).resolve()
+    root = path.parent
+    reader = csv.DictReader(io.StringIO(_decode(path), newline=""))
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    fatal = [f"missing required column {c!r}" for c in REQUIRED_COLUMNS if c not in columns]
+    unknown = [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+    if unknown:
+        fatal.append(f"unknown columns {unknown} (allowed: {list(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)})")
+    if fatal:
+        raise ManifestError(path, fatal)
+    rows = [({k.strip(): (v or "").strip() for k, v in row.items() if k}, reader.line_num) for row in reader]
+    if not rows:
+        raise ManifestError(path, ["no rows"])
+    seen: dict[str, int] = {}
+    for row, line in rows:
+        cid = row["case_id"]
+        if not cid:
+            fatal.append(f"line {line}: empty case_id")
+        elif cid in seen:
+            fatal.append(f"line {line}: duplicate case_id {cid!r} (first on line {seen[cid]})")
+        else:
+            seen[cid] = line
+    if fatal:
+        raise ManifestError(path, fatal)
+
+    names = _class_names([r["label"] for r, _ in rows if r.get("label")], classes)
+    cases = []
+    for row, line in rows:
+        problems = []
+        image, problem = (
+            _resolve(root, row["image"], allow_outside) if row["image"] else (root, "empty image")
+        )
+        problems += [problem] if problem else []
+        mask = None
+        if row.get("mask"):
+            mask, problem = _resolve(root, row["mask"], allow_outside)
+            problems += [f"mask: {problem}"] if problem else []
+        label = None
+        if row.get("label"):
+            label = _label_index(row["label"], names)
+            if label is None:
+                problems.append(f"label {row['label']!r} is not one of the classes {names}")
+        split = row.get("split") or None
+        if "split" in columns and split not in SPLITS:
+            problems.append(f"split {split!r} is not one of {list(SPLITS)}")
+        problem = f"line {line}: " + "; ".join(problems) if problems else None
+        cases.append(
+            Case(row["case_id"], image, mask, label, split, row.get("patient_id") or None, problem=problem)
+        )
+    return CaseSet(cases, names, path)
+
+
+def _dicom_cases(folder: Path, root: Path) -> list[Case]:
+    """One case per DICOM series found directly in ``folder``."""
+    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    stem = "__".join(folder.relative_to(root).parts) or folder.name
+    if len(uids) == 1:
+        return [Case(stem, folder, series_uid=uids[0])]
+    return [Case(f"{stem}__{uid}", folder, series_uid=uid) for uid in uids]
+
+
+def _image_stem(path: Path) -> str | None:
+    """The file name without its image suffix, or None if it is not an image name."""
+    name = path.name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def discover_folder(folder: str | Path) -> CaseSet:
+    """Every NIfTI/NRRD/MHA file and every DICOM series below a folder, as unlabelled cases.
+
+    Files that look like neither (other than side files such as .csv or .raw) become cases with a
+    problem, so nothing in the folder is silently dropped.
+    """
+    root = Path(folder).resolve()
+    if not root.is_dir():
+        raise ManifestError(root, ["input folder not found"])
+    cases: list[Case] = []
+    for directory in sorted([root, *(p for p in root.rglob("*") if p.is_dir())]):
+        leftovers = []
+        for path in sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")):
+            stem = _image_stem(path)
+            if stem is not None:
+                prefix = "__".join(path.parent.relative_to(root).parts)
+                cases.append(Case(f"{prefix}__{stem}" if prefix else stem, path))
+            elif path.suffix.lower() not in SIDE_FILES:
+                leftovers.append(path)
+        if not leftovers:
+            continue
+        series = _dicom_cases(directory, root)
+        cases += series
+        in_series = {
+            Path(f).resolve()
+            for case in series
+            for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), case.series_uid)
+        }
+        for path in leftovers:
+            if path.resolve() not in in_series:
+                cid = "__".join(path.relative_to(root).parts)
+                cases.append(Case(cid, path, problem="not a recognised image file or DICOM series"))
+    counts = Counter(c.case_id for c in cases)
+    duplicated = sorted(cid for cid, n in counts.items() if n > 1)
+    if duplicated:
+        raise ManifestError(root, [f"several files give the case id {cid!r}" for cid in duplicated])
+    if not cases:
+        raise ManifestError(root, ["no images found"])
+    return CaseSet(cases, [], root)
+
+
+def _one_fold(cases: list[Case], fraction: float, seed: int) -> set[int]:
+    """Indices of about ``fraction`` of the cases: stratified by label, grouped by patient."""
+    if fraction <= 0 or len(cases) < 2:
+        return set()
+    n_splits = min(max(2, round(1 / fraction)), len({c.group for c in cases}))
+    if n_splits < 2:
+        return set()
+    labels = np.array([-1 if c.label is None else c.label for c in cases])
+    groups = np.array([c.group for c in cases])
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # small classes: sklearn warns that a fold lacks a class
+        warnings.simplefilter("ignore", UserWarning)
+        _, held_out = next(splitter.split(np.zeros(len(cases)), labels, groups))
+    return set(held_out.tolist())
+
+
+def assign_splits(case_set: CaseSet, val_fraction: float, test_fraction: float, seed: int) -> CaseSet:
+    """Give every usable case without a split one: stratified, patient-grouped, deterministic.
+
+    Cases that already have a split keep it. Test is carved first, then val from the rest.
+    """
+    todo = [i for i, c in enumerate(case_set.cases) if c.split is None and c.problem is None]
+    pool = [case_set.cases[i] for i in todo]
+    test = _one_fold(pool, test_fraction, seed)
+    rest = [k for k in range(len(pool)) if k not in test]
+    val_rel = val_fraction / (1 - test_fraction) if test_fraction < 1 else 0
+    val = {rest[k] for k in _one_fold([pool[k] for k in rest], val_rel, seed + 1)}
+    cases = list(case_set.cases)
+    for k, i in enumerate(todo):
+        split = "test" if k in test else "val" if k in val else "train"
+        cases[i] = replace(cases[i], split=split)
+    return CaseSet(cases, case_set.classes, case_set.source)

@@ -1,0 +1,1 @@
+"""Preprocessing: RAS grid planning and resampling, intensity, the three orthogonal views, the cache."""

@@ -1,0 +1,53 @@
+"""Intensity normalisation: CT window, MR percentile clip + z-score, min-max, or none.
+
+Example:
+    >>> import numpy as np
+    >>> normalize(np.array([-2000.0, -1024.0, 600.0, 3000.0]), IntensityConfig(mode="ct"))
+    array([0., 0., 1., 1.], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.config import IntensityConfig
+
+__all__ = ["background_value", "foreground_threshold", "normalize"]
+
+# Air/body boundary in HU: well above air (-1000) and lung (-850), below fat (-100).
+CT_BODY_HU = -500.0
+
+
+def foreground_threshold(cfg: IntensityConfig, configured: float | None, minimum: float) -> float:
+    """The value above which a voxel is foreground: the configured one, else -500 HU for CT, else
+    anything above the volume's minimum (the MONAI CropForeground convention)."""
+    if configured is not None:
+        return configured
+    return CT_BODY_HU if cfg.mode == "ct" else minimum
+
+
+def background_value(cfg: IntensityConfig, minimum: float) -> float:
+    """The raw value used to fill voxels outside the scan: the bottom of the CT window, else the minimum."""
+    return cfg.window[0] if cfg.mode == "ct" else minimum
+
+
+def normalize(array: np.ndarray, cfg: IntensityConfig, foreground: np.ndarray | None = None) -> np.ndarray:
+    """Map raw intensities to the network's range (float32).
+
+    ct: clip to the window, scale to [0, 1]. mr: clip to the percentiles of the foreground voxels,
+    then z-score with their mean and sd. minmax: scale [min, max] to [0, 1]. none: unchanged.
+    """
+    x = np.asarray(array, dtype=np.float32)
+    if cfg.mode == "ct":
+        lo, hi = cfg.window
+        return (np.clip(x, lo, hi) - lo) / np.float32(hi - lo)
+    if cfg.mode == "mr":
+        values = x[foreground] if foreground is not None and foreground.any() else x
+        lo, hi = np.percentile(values, cfg.percentiles)
+        clipped = np.clip(x, lo, hi)
+        ref = clipped[foreground] if foreground is not None and foreground.any() else clipped
+        return ((clipped - ref.mean()) / max(float(ref.std()), 1e-6)).astype(np.float32)
+    if cfg.mode == "minmax":
+        lo, hi = float(x.min()), float(x.max())
+        return (x - lo) / np.float32(max(hi - lo, 1e-6))
+    return x

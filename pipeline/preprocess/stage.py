@@ -1,0 +1,215 @@
+"""The preprocess stage: cases -> ``RUN/preprocess/{cache/*.npz, ledger.csv, cases.csv, ...}``.
+
+Per case (``preprocess_volume``): plan the RAS output grid over the foreground, resample image and
+mask onto it in one pass, normalise intensities, cut the three orthogonal views. Per run
+(``run_preprocess``): validate the manifest or discover the folder, make the split if there is
+none, run the cases (serially or on local processes), skip those whose cache entry is still valid,
+and write the ledger, ``cases.csv``, ``params.json`` and ``fingerprint.json``.
+
+Example:
+    >>> out = run_preprocess(load_config("cfg.yaml"))   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.batch import Ledger, Row, Task, run_cases
+from pipeline.config import Config, IOConfig, PreprocessConfig, save_config
+from pipeline.io import Volume, VolumeError, atomic_path, read_volume
+from pipeline.manifest import Case, CaseSet, assign_splits, discover_folder, read_manifest
+from pipeline.preprocess.cache import load_meta, save_entry, valid_entry
+from pipeline.preprocess.fingerprint import fingerprint
+from pipeline.preprocess.intensity import background_value, foreground_threshold, normalize
+from pipeline.preprocess.spatial import plan_grid, resample
+from pipeline.preprocess.views import center_index, extract_views
+
+__all__ = ["CACHE_FORMAT", "load_cases", "preprocess_volume", "read_case", "run_preprocess"]
+
+CACHE_FORMAT = 1
+CASE_COLUMNS = ("case_id", "label", "label_name", "split", "patient_id", "image", "mask", "cache", "status")
+
+
+def preprocess_volume(
+    volume: Volume, mask: Volume | None, cfg: PreprocessConfig
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Preprocess one read volume (and its mask): the cache arrays and per-case statistics."""
+    if mask is not None and (
+        mask.shape != volume.shape or not np.allclose(mask.affine, volume.affine, atol=1e-3)
+    ):
+        raise VolumeError(mask.path, f"mask grid {mask.shape} does not match the image grid {volume.shape}")
+    minimum = float(volume.array.min())
+    threshold = foreground_threshold(cfg.intensity, cfg.foreground_threshold, minimum)
+    grid = plan_grid(volume, cfg, threshold)
+    raw = resample(volume.image, grid, linear=True, fill=background_value(cfg.intensity, minimum))
+    foreground = raw > threshold
+    image = normalize(raw, cfg.intensity, foreground)
+    labels = resample(mask.image, grid, linear=False, fill=0).astype(np.uint8) if mask is not None else None
+
+    vcfg = cfg.views
+    center = center_index(
+        image.shape,
+        mask=labels if vcfg.center == "mask" else None,
+        point=vcfg.point if vcfg.center == "point" else None,
+        affine=grid.affine,
+    )
+    arrays: dict[str, np.ndarray] = {
+        "views": extract_views(image, center, vcfg.mode, vcfg.thickness).astype(np.float32),
+        "affine": grid.affine,
+    }
+    if labels is not None:
+        # Mask views keep label values: a projection of labels is their max, never their mean.
+        mask_mode = {"mean": "max", "projections": "max"}.get(vcfg.mode, vcfg.mode)
+        thickness = vcfg.thickness if vcfg.mode != "projections" else max(labels.shape)
+        mask_views = extract_views(labels, center, mask_mode, thickness, fill=0)
+        if vcfg.mode == "projections":  # match the image's (slice, mean, max) channels
+            mask_views = np.concatenate(
+                [extract_views(labels, center, "slice", fill=0), mask_views, mask_views], 1
+            )
+        arrays["mask_views"] = mask_views
+    if cfg.cache_volume:
+        arrays["volume"] = image.astype(np.float16)
+        if labels is not None:
+            arrays["mask"] = labels
+    sample = raw[::2, ::2, ::2][foreground[::2, ::2, ::2]]
+    stats = {
+        "native_shape": list(volume.shape),
+        "native_spacing": [round(float(s), 5) for s in volume.spacing],
+        "axcodes": "".join(volume.axcodes),
+        "oblique": bool(np.count_nonzero(np.abs(volume.affine[:3, :3]) > 1e-6) > 3),
+        "spacing": [round(float(s), 5) for s in grid.spacing],
+        "foreground_fraction": round(float(foreground.mean()), 5),
+        "intensity_percentiles": [round(float(v), 3) for v in np.percentile(sample, [0.5, 50, 99.5])]
+        if sample.size
+        else None,
+        "center": list(center),
+    }
+    return arrays, stats
+
+
+def read_case(case: Case, io: IOConfig) -> tuple[Volume, Volume | None]:
+    """Read a case's image and mask with the configured header checks."""
+    kwargs = {"max_voxels": io.max_voxels, "allow_2d": io.allow_2d}
+    image = read_volume(
+        case.image, volume_index=io.volume_index, nonfinite=io.nonfinite, series_uid=case.series_uid, **kwargs
+    )
+    mask = read_volume(case.mask, **kwargs) if case.mask is not None else None
+    return image, mask
+
+
+def _work(payload: tuple[Case, Config, str, Path]) -> Row:
+    """One case in a worker: read, preprocess, write the cache entry atomically."""
+    case, config, params_hash, out = payload
+    volume, mask = read_case(case, config.io)
+    arrays, stats = preprocess_volume(volume, mask, config.preprocess)
+    meta = {
+        "case_id": case.case_id,
+        "label": case.label,
+        "split": case.split,
+        "params_hash": params_hash,
+        "stats": stats,
+    }
+    save_entry(out, arrays, meta)
+    return Row(case.case_id, "ok", output=str(out))
+
+
+def _case_hash(base: str, case: Case) -> str:
+    """The run parameters plus the identity (size, mtime) of the case's input files."""
+    parts = [base]
+    for path in (case.image, case.mask):
+        if path is not None and path.exists():
+            st = path.stat()
+            parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def load_cases(config: Config) -> CaseSet:
+    """The validated cases of the config's manifest or input folder, with a split for each."""
+    data = config.data
+    if (data.manifest is None) == (data.input is None):
+        raise ValueError("give exactly one of data.manifest (--manifest) or data.input (--input)")
+    if data.manifest is not None:
+        case_set = read_manifest(data.manifest, data.classes, data.allow_outside_paths)
+    else:
+        case_set = discover_folder(data.input)  # type: ignore[arg-type]
+    return assign_splits(case_set, data.val_fraction, data.test_fraction, data.seed)
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Delete half-written files that a killed run left behind (atomic writes use ``.name.*.tmp*``)."""
+    for tmp in folder.glob(".*.tmp*"):
+        tmp.unlink(missing_ok=True)
+
+
+def _write_cases(path: Path, case_set: CaseSet, rows: dict[str, Row], out: Path) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, CASE_COLUMNS)
+        writer.writeheader()
+        for case in case_set.cases:
+            row = rows.get(case.case_id)
+            cache = os.path.relpath(row.output, out) if row is not None and row.output else ""
+            writer.writerow(
+                {
+                    "case_id": case.case_id,
+                    "label": "" if case.label is None else case.label,
+                    "label_name": "" if case.label is None else case_set.classes[case.label],
+                    "split": case.split or "",
+                    "patient_id": case.patient_id or "",
+                    "image": str(case.image),
+                    "mask": str(case.mask) if case.mask else "",
+                    "cache": cache,
+                    "status": row.status if row is not None else "",
+                }
+            )
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
+def run_preprocess(config: Config) -> Path:
+    """Run the preprocess stage; return ``RUN/preprocess``."""
+    out = config.run_dir / "preprocess"
+    cache_dir = out / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(cache_dir)
+    _remove_stale_temps(out)
+    case_set = load_cases(config)
+    params = {
+        "cache_format": CACHE_FORMAT,
+        "preprocess": config.preprocess.model_dump(mode="json", exclude={"workers"}),
+        "io": config.io.model_dump(mode="json"),
+        "classes": case_set.classes,
+    }
+    base_hash = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+    ledger = Ledger(out / "ledger.csv")
+    tasks = []
+    for case in case_set.cases:
+        entry = cache_dir / f"{case.case_id}.npz"
+        case_hash = _case_hash(base_hash, case)
+        if case.problem:
+            ledger.append(Row(case.case_id, "error", f"{case_set.source}: {case.problem}"))
+        elif valid_entry(entry, case_hash):
+            ledger.append(Row(case.case_id, "skipped", "valid cache entry", output=str(entry)))
+        else:
+            tasks.append(Task(case.case_id, (case, config, case_hash, entry)))
+    run_cases(_work, tasks, ledger, workers=config.preprocess.workers, desc="preprocess")
+    order = [c.case_id for c in case_set.cases]
+    ledger.compact(order)
+    rows = ledger.rows()
+    stats = {
+        cid: load_meta(row.output)["stats"] for cid, row in rows.items() if row.status in ("ok", "skipped")
+    }
+    _write_cases(out / "cases.csv", case_set, rows, out)
+    _write_json(out / "params.json", params)
+    _write_json(out / "fingerprint.json", fingerprint(case_set, rows, stats))
+    save_config(config, out / "config.yaml")
+    return out
