@@ -28,6 +28,9 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from pipeline import file_checks
+from pipeline.errors import VolumeError
+
 __all__ = [
     "DEFAULT_MAX_VOXELS",
     "IMAGE_SUFFIXES",
@@ -47,15 +50,6 @@ DEFAULT_MAX_VOXELS = 1_000_000_000
 # Flips between ITK's LPS+ physical space and the RAS+ space of NIfTI affines.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
-class VolumeError(ValueError):
-    """A volume that cannot be used; the message names the file and the reason."""
-
-    def __init__(self, path: str | os.PathLike, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
 
 
 def is_nifti(path: str | os.PathLike) -> bool:
@@ -95,6 +89,18 @@ def sitk_affine(image: sitk.Image) -> np.ndarray:
     return affine
 
 
+class _ImageBuffer:
+    """The voxel memory of a SimpleITK image, as an array base that holds a reference to the image.
+
+    A bare ``sitk.GetArrayViewFromImage`` view does not keep its image alive, so a view of a
+    temporary (``read_volume(p).array``) would read freed memory.
+    """
+
+    def __init__(self, image: sitk.Image) -> None:
+        self.image = image
+        self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
+
+
 @dataclass
 class Volume:
     """A 3D scalar volume with its geometry of record (the SimpleITK image)."""
@@ -104,8 +110,8 @@ class Volume:
 
     @property
     def array(self) -> np.ndarray:
-        """A read-only (i, j, k) view of the voxels (no copy)."""
-        return sitk.GetArrayViewFromImage(self.image).transpose(2, 1, 0)
+        """A read-only (i, j, k) view of the voxels (no copy); it keeps the image alive."""
+        return np.asarray(_ImageBuffer(self.image)).transpose(2, 1, 0)
 
     @property
     def affine(self) -> np.ndarray:
@@ -164,7 +170,14 @@ def read_header(path: str | os.PathLike, series_uid: str | None = None) -> Heade
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise VolumeError(path, f"not a readable image ({_first_line(exc)})") from exc
+        problem = (
+            file_checks.gzip_problem(path, None) if path.is_file() and file_checks.is_gzip(path) else None
+        )
+        raise VolumeError(path, problem or f"not a readable image ({_first_line(exc)})") from exc
+    if not files and is_nifti(path):
+        file_checks.check_nifti_spacing(path)
+    elif not files and path.name.lower().endswith(".mhd"):
+        file_checks.check_meta_data_file(path)
     size = tuple(int(s) for s in reader.GetSize())
     spacing = tuple(float(s) for s in reader.GetSpacing())
     if files:  # one file per slice: the header of the first file is 2D or a one-slice 3D
@@ -238,12 +251,19 @@ def _execute(path: Path, header: Header, volume_index: int | None) -> sitk.Image
     return image
 
 
-def _check_finite(image: sitk.Image, path: Path, nonfinite: str) -> sitk.Image:
+def _check_finite(
+    image: sitk.Image, path: Path, nonfinite: str, volume_index: int | None = None
+) -> sitk.Image:
     """Raise on NaN/Inf voxels, or replace them with 0 when ``nonfinite == "zero"``."""
     if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
         return image
     view = sitk.GetArrayViewFromImage(image)
     bad = int(np.count_nonzero(~np.isfinite(view)))
+    if bad == 0 and is_nifti(path) and path.is_file() and not view.all():
+        # ITK zeroed them already, so only a volume with zeros needs the second look.
+        bad = file_checks.nifti_nonfinite(path, volume_index)
+        if bad and nonfinite == "zero":
+            return image
     if bad == 0:
         return image
     if nonfinite != "zero":
@@ -270,8 +290,10 @@ def read_volume(
     path = Path(path)
     header = read_header(path, series_uid)
     check_header(header, max_voxels=max_voxels, allow_2d=allow_2d, volume_index=volume_index)
+    if not header.dicom_files and is_nifti(path):
+        file_checks.check_nifti_data(path)
     image = _execute(path, header, volume_index)
-    return Volume(_check_finite(image, path, nonfinite), path)
+    return Volume(_check_finite(image, path, nonfinite, volume_index), path)
 
 
 @contextlib.contextmanager

@@ -31,9 +31,16 @@ VIEW_NAMES = ("axial", "coronal", "sagittal")
 
 
 def save_entry(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
-    """Write one case's arrays and metadata atomically."""
-    with atomic_path(path) as tmp, tmp.open("wb") as fh:
-        np.savez_compressed(fh, meta=np.array(json.dumps(meta)), **arrays)
+    """Write one case's arrays and metadata atomically, as an npz that ``np.load`` reads.
+
+    Deflate level 1 instead of ``np.savez_compressed``'s 6: several times faster for a few percent
+    more bytes (float16 volumes compress poorly either way).
+    """
+    entries = {**arrays, "meta": np.array(json.dumps(meta))}
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for key, value in entries.items():
+            with zf.open(f"{key}.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
     return path
 
 

@@ -107,8 +107,13 @@ def read_case(case: Case, io: IOConfig) -> tuple[Volume, Volume | None]:
 def _work(payload: tuple[Case, Config, str, Path]) -> Row:
     """One case in a worker: read, preprocess, write the cache entry atomically."""
     case, config, params_hash, out = payload
-    volume, mask = read_case(case, config.io)
-    arrays, stats = preprocess_volume(volume, mask, config.preprocess)
+    try:
+        volume, mask = read_case(case, config.io)
+        arrays, stats = preprocess_volume(volume, mask, config.preprocess)
+    except VolumeError:
+        raise
+    except Exception as exc:  # name the file whatever failed inside
+        raise VolumeError(case.image, f"{type(exc).__name__}: {exc}") from exc
     meta = {
         "case_id": case.case_id,
         "label": case.label,
