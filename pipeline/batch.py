@@ -1,7 +1,9 @@
 """Per-case batch work with a resumable ledger.
 
-``run_cases`` runs a function over cases serially (``workers=0``) or on a pool of local processes
-(``workers=N``). Each case's outcome is one ledger row ``case_id, status, reason, seconds, output``
+``run_cases`` runs a function over cases serially (``workers=0``), on a pool of local processes
+(``workers=N``) or on an existing Dask distributed cluster (``scheduler="tcp://host:8786"``; start
+one on SLURM/PBS with dask-jobqueue, see README). The ledger semantics are the same in every mode.
+Each case's outcome is one ledger row ``case_id, status, reason, seconds, output``
 with status ``ok``, ``skipped`` or ``error``. Rows are appended and flushed as cases finish, so a
 killed run loses at most the cases in flight; at the end the ledger is rewritten with exactly one row
 per case. An exception in one case becomes that case's error row; the batch goes on.
@@ -20,6 +22,7 @@ import csv
 import multiprocessing
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields
@@ -137,10 +140,12 @@ def run_cases(
     workers: int = 0,
     desc: str = "cases",
     on_row: Callable[[Row], None] | None = None,
+    scheduler: str | None = None,
 ) -> list[Row]:
     """Run ``fn(task.payload)`` for every task and record a ledger row for each, as it finishes.
 
-    ``fn`` must be a picklable top-level function when ``workers > 0``.
+    ``fn`` must be a picklable top-level function when ``workers > 0`` or a scheduler is given.
+    A case whose worker died (or whose Dask task was lost) gets an error row; a rerun redoes it.
     """
     tasks = list(tasks)
     rows: list[Row] = []
@@ -153,6 +158,9 @@ def run_cases(
         bar.update(1)
 
     with tqdm(total=len(tasks), desc=desc, unit="case", disable=None) as bar:
+        if scheduler is not None:
+            _run_on_dask(fn, tasks, scheduler, finish)
+            return rows
         if workers <= 0:
             for task in tasks:
                 finish(_guarded(fn, task))
@@ -168,3 +176,25 @@ def run_cases(
                     row = Row(task.case_id, "error", f"worker failed: {type(exc).__name__}: {exc}")
                 finish(row)
     return rows
+
+
+def _run_on_dask(
+    fn: Callable[[Any], Row], tasks: list[Task], scheduler: str, finish: Callable[[Row], None]
+) -> None:
+    """Submit every task to a Dask distributed scheduler; ``finish`` each row as it completes."""
+    from distributed import Client
+    from distributed import as_completed as dask_completed
+
+    with Client(scheduler) as client:
+        client.run(_limit_threads)
+        futures = {
+            client.submit(_guarded, fn, t, pure=False, key=f"medpipe-{t.case_id}-{uuid.uuid4().hex[:8]}"): t
+            for t in tasks
+        }
+        for future in dask_completed(futures):
+            task = futures[future]
+            try:
+                row = future.result()
+            except Exception as exc:  # KilledWorker, a restart's CancelledError, a lost connection
+                row = Row(task.case_id, "error", f"worker failed: {type(exc).__name__}: {exc}")
+            finish(row)

@@ -94,6 +94,7 @@ class PreprocessConfig(Section):
     views: ViewsConfig = ViewsConfig()
     cache_volume: bool = True
     workers: int = Field(0, ge=0)
+    scheduler: str | None = None  # a Dask scheduler address, e.g. tcp://host:8786
 
 
 class ClassifyConfig(Section):
@@ -105,7 +106,7 @@ class ClassifyConfig(Section):
     seed: int = 0
     # model
     encoder: Literal["conv", "resnet"] = "conv"
-    features: int = Field(32, ge=1)
+    features: int = Field(16, ge=1)
     depth: int = Field(3, ge=1)
     rnn: Literal["lstm", "gru"] = "lstm"
     hidden: int = Field(64, ge=1)

@@ -328,6 +328,9 @@ def save_nifti(
     The gzip stream has a zero timestamp, so identical inputs give byte-identical files.
     """
     image = nib.Nifti1Image(array, affine, header=header)
+    if affine is not None:  # a new image: qform and sform both say "scanner", as CT viewers expect
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
     image.header.set_data_dtype(array.dtype)
     image.header["scl_slope"], image.header["scl_inter"] = np.nan, np.nan
     payload = image.to_bytes()

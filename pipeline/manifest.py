@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import csv
 import io
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from sklearn.model_selection import StratifiedGroupKFold
 
 from pipeline.io import IMAGE_SUFFIXES
 
@@ -242,35 +240,41 @@ def discover_folder(folder: str | Path) -> CaseSet:
     return CaseSet(cases, [], root)
 
 
-def _one_fold(cases: list[Case], fraction: float, seed: int) -> set[int]:
-    """Indices of about ``fraction`` of the cases: stratified by label, grouped by patient."""
-    if fraction <= 0 or len(cases) < 2:
-        return set()
-    n_splits = min(max(2, round(1 / fraction)), len({c.group for c in cases}))
-    if n_splits < 2:
-        return set()
-    labels = np.array([-1 if c.label is None else c.label for c in cases])
-    groups = np.array([c.group for c in cases])
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():  # small classes: sklearn warns that a fold lacks a class
-        warnings.simplefilter("ignore", UserWarning)
-        _, held_out = next(splitter.split(np.zeros(len(cases)), labels, groups))
-    return set(held_out.tolist())
+def _group_label(cases: list[Case]) -> int:
+    """A patient's stratum: its most common label (-1 for unlabelled)."""
+    return Counter(-1 if c.label is None else c.label for c in cases).most_common(1)[0][0]
 
 
 def assign_splits(case_set: CaseSet, val_fraction: float, test_fraction: float, seed: int) -> CaseSet:
     """Give every usable case without a split one: stratified, patient-grouped, deterministic.
 
-    Cases that already have a split keep it. Test is carved first, then val from the rest.
+    Patients are shuffled (by ``seed``) within each label stratum, and the strata are walked in
+    turn; each patient goes to the split furthest below its share of the cases dealt so far. Whole
+    patients move, so none crosses splits, and every split stays within one patient of its share,
+    overall and per stratum, for any cohort size. Cases that already have a split keep it.
     """
-    todo = [i for i, c in enumerate(case_set.cases) if c.split is None and c.problem is None]
-    pool = [case_set.cases[i] for i in todo]
-    test = _one_fold(pool, test_fraction, seed)
-    rest = [k for k in range(len(pool)) if k not in test]
-    val_rel = val_fraction / (1 - test_fraction) if test_fraction < 1 else 0
-    val = {rest[k] for k in _one_fold([pool[k] for k in rest], val_rel, seed + 1)}
-    cases = list(case_set.cases)
-    for k, i in enumerate(todo):
-        split = "test" if k in test else "val" if k in val else "train"
-        cases[i] = replace(cases[i], split=split)
+    groups: dict[str, list[int]] = {}
+    for i, case in enumerate(case_set.cases):
+        if case.split is None and case.problem is None:
+            groups.setdefault(case.group, []).append(i)
+    strata: dict[int, list[str]] = {}
+    for group, members in groups.items():
+        strata.setdefault(_group_label([case_set.cases[i] for i in members]), []).append(group)
+    fractions = {"train": 1.0 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}
+    counts = dict.fromkeys(fractions, 0)
+    dealt = 0
+    rng = np.random.default_rng(seed)
+    split_of: dict[str, str] = {}
+    for label in sorted(strata):
+        names = sorted(strata[label])
+        rng.shuffle(names)
+        for group in names:
+            dealt += len(groups[group])
+            split = max(fractions, key=lambda s: fractions[s] * dealt - counts[s])
+            counts[split] += len(groups[group])
+            split_of[group] = split
+    cases = [
+        replace(c, split=split_of[c.group]) if c.split is None and c.problem is None else c
+        for c in case_set.cases
+    ]
     return CaseSet(cases, case_set.classes, case_set.source)

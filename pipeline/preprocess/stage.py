@@ -190,7 +190,7 @@ def run_preprocess(config: Config) -> Path:
     case_set = load_cases(config)
     params = {
         "cache_format": CACHE_FORMAT,
-        "preprocess": config.preprocess.model_dump(mode="json", exclude={"workers"}),
+        "preprocess": config.preprocess.model_dump(mode="json", exclude={"workers", "scheduler"}),
         "io": config.io.model_dump(mode="json"),
         "classes": case_set.classes,
     }
@@ -206,7 +206,8 @@ def run_preprocess(config: Config) -> Path:
             ledger.append(Row(case.case_id, "skipped", "valid cache entry", output=str(entry)))
         else:
             tasks.append(Task(case.case_id, (case, config, case_hash, entry)))
-    run_cases(_work, tasks, ledger, workers=config.preprocess.workers, desc="preprocess")
+    pcfg = config.preprocess
+    run_cases(_work, tasks, ledger, workers=pcfg.workers, desc="preprocess", scheduler=pcfg.scheduler)
     order = [c.case_id for c in case_set.cases]
     ledger.compact(order)
     rows = ledger.rows()

@@ -1,0 +1,70 @@
+"""The batch executor and its ledger: per-case failures, torn lines, the same results in every mode."""
+
+from __future__ import annotations
+
+import filecmp
+
+import pytest
+
+from pipeline.batch import Ledger, Row, Task, run_cases
+from pipeline.config import load_config
+from pipeline.preprocess.stage import run_preprocess
+from pipeline.synth import write_cohort
+
+
+def square_or_fail(n: int) -> Row:
+    """A case function: fails on 3, else reports n squared."""
+    if n == 3:
+        raise RuntimeError("three is bad")
+    return Row(f"case{n}", "ok", output=str(n * n))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_failing_case_gets_an_error_row_and_the_rest_finish(tmp_path, workers):
+    ledger = Ledger(tmp_path / "ledger.csv")
+    tasks = [Task(f"case{n}", n) for n in range(6)]
+    rows = run_cases(square_or_fail, tasks, ledger, workers=workers)
+    assert len(rows) == 6
+    latest = ledger.rows()
+    assert latest["case3"].status == "error" and "three is bad" in latest["case3"].reason
+    assert {cid: r.output for cid, r in latest.items() if r.status == "ok"} == {
+        f"case{n}": str(n * n) for n in (0, 1, 2, 4, 5)
+    }
+
+
+def test_ledger_ignores_a_torn_last_line_and_compacts_to_one_row_per_case(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.csv")
+    ledger.append(Row("a", "error", "first try failed"))
+    ledger.append(Row("b", "ok", output="b.npz"))
+    ledger.append(Row("a", "ok", output="a.npz"))
+    with ledger.path.open("a") as fh:
+        fh.write("c,ok,,0.1")  # a run killed mid-write: no output column, no newline
+    assert set(ledger.rows()) == {"a", "b"}
+    assert ledger.rows()["a"].status == "ok"
+    ledger.compact(["b", "a", "c"])
+    lines = ledger.path.read_text().splitlines()
+    assert lines[0] == "case_id,status,reason,seconds,output"
+    assert [line.split(",")[0] for line in lines[1:]] == ["b", "a"]
+
+
+def test_dask_local_cluster_gives_byte_identical_cache_entries(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    manifest = write_cohort(tmp_path / "cohort", 8, 0.25, size=64, depth=32, seed=4)
+    overrides = {
+        "data.manifest": str(manifest),
+        "preprocess.shape": [40, 40, 40],
+        "preprocess.spacing": [4.0] * 3,
+    }
+    serial = run_preprocess(load_config(None, run=tmp_path / "serial", **overrides))
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        overrides["preprocess.scheduler"] = cluster.scheduler_address
+        dask_out = run_preprocess(load_config(None, run=tmp_path / "dask", **overrides))
+    entries = sorted(p.name for p in (serial / "cache").glob("*.npz"))
+    assert len(entries) == 8
+    assert entries == sorted(p.name for p in (dask_out / "cache").glob("*.npz"))
+    for name in entries:
+        assert filecmp.cmp(serial / "cache" / name, dask_out / "cache" / name, shallow=False), name
+    statuses = {r.status for r in Ledger(dask_out / "ledger.csv").rows().values()}
+    assert statuses == {"ok"}
