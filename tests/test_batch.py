@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import filecmp
+import threading
+import time
 
 import pytest
 
@@ -68,3 +71,34 @@ def test_dask_local_cluster_gives_byte_identical_cache_entries(tmp_path):
         assert filecmp.cmp(serial / "cache" / name, dask_out / "cache" / name, shallow=False), name
     statuses = {r.status for r in Ledger(dask_out / "ledger.csv").rows().values()}
     assert statuses == {"ok"}
+
+
+def test_dask_workers_restarted_mid_run_then_rerun_finish_every_case_once(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    manifest = write_cohort(tmp_path / "cohort", 16, 0.25, size=96, depth=48, seed=6)
+    overrides = {"data.manifest": str(manifest), "preprocess.shape": [96, 96, 96]}
+    ledger = Ledger(tmp_path / "run" / "preprocess" / "ledger.csv")
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        overrides["preprocess.scheduler"] = cluster.scheduler_address
+        config = load_config(None, run=tmp_path / "run", **overrides)
+        worker = threading.Thread(target=run_preprocess, args=(config,))
+        worker.start()
+        deadline = time.monotonic() + 120
+        while len(ledger.rows()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with distributed.Client(cluster.scheduler_address) as client:
+            client.restart()  # kills and replaces both worker processes mid-run
+        worker.join(timeout=300)
+        assert not worker.is_alive()
+        first = ledger.rows()
+        assert len(first) == 16  # every case has a row, even those the restart lost
+        done_first = {cid for cid, r in first.items() if r.status == "ok"}
+        assert 2 <= len(done_first) < 16, "the restart should have cut the run short"
+        run_preprocess(config)  # the rerun, on the same (restarted) cluster
+    rows = list(csv.DictReader((ledger.path).open()))
+    assert sorted(r["case_id"] for r in rows) == sorted(first)  # each case exactly once
+    assert all(r["status"] == "skipped" for r in rows if r["case_id"] in done_first)
+    assert all(r["status"] in ("ok", "skipped") for r in rows)
+    assert not list((tmp_path / "run").rglob(".*tmp*"))
