@@ -1,0 +1,80 @@
+"""Safe checkpoints: a ``state_dict`` in a ``.pt`` file plus a JSON sidecar, loaded without unpickling.
+
+``save_checkpoint`` writes ``NAME.pt`` (tensors only) and ``NAME.json`` (whatever metadata the caller
+gives, such as the config, class names and preprocessing parameters, plus the torch/monai/medpipe
+versions). ``load_checkpoint`` reads the weights with ``torch.load(..., weights_only=True)``, which
+refuses any pickled object that is not a plain container of tensors and numbers, so a crafted file
+cannot run code. ``save_state``/``load_state`` do the same for the training loop's resume state.
+
+Example:
+    >>> path = save_checkpoint(tmp / "checkpoint.pt", model, {"classes": ["no", "yes"]})  # doctest: +SKIP
+    >>> state, meta = load_checkpoint(path, model)                                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.io import atomic_path
+
+__all__ = ["load_checkpoint", "load_state", "save_checkpoint", "save_state", "sidecar_path", "versions"]
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries a checkpoint depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import monai
+
+    try:
+        medpipe = version("medpipe")
+    except PackageNotFoundError:
+        medpipe = "unknown"
+    return {"torch": torch.__version__, "monai": monai.__version__, "medpipe": medpipe}
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """The JSON sidecar next to a ``.pt`` file."""
+    return Path(path).with_suffix(".json")
+
+
+def save_state(path: str | Path, state: Mapping[str, Any]) -> Path:
+    """Write a mapping of tensors, numbers, strings and containers of them atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(dict(state), tmp)
+    return Path(path)
+
+
+def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a file written by ``save_state``; pickled code objects are refused (``weights_only``)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def save_checkpoint(
+    path: str | Path, model: nn.Module | Mapping[str, torch.Tensor], meta: Mapping[str, Any]
+) -> Path:
+    """Write ``path`` (the state_dict) and its JSON sidecar (``meta`` plus library versions)."""
+    state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
+    save_state(path, state)
+    sidecar = {**meta, "versions": versions(), "weights": Path(path).name}
+    with atomic_path(sidecar_path(path)) as tmp:
+        tmp.write_text(json.dumps(sidecar, indent=2, default=str), encoding="utf-8")
+    return Path(path)
+
+
+def load_checkpoint(
+    path: str | Path, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read (state_dict, meta); if ``model`` is given, load the weights into it (strictly)."""
+    state = load_state(path, map_location)
+    sidecar = sidecar_path(path)
+    meta = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
+    if model is not None:
+        model.load_state_dict(state)
+    return state, meta

@@ -1,0 +1,329 @@
+"""The shared, task-agnostic training loop (classification and segmentation use the same one).
+
+``fit`` runs epochs of AdamW with a cosine or plateau LR schedule, calls a validation callable after
+each epoch (on an exponential moving average of the weights if ``ema_decay`` is set), keeps the best
+epoch (the monitored metric is maximised) as a safe checkpoint (``pipeline.checkpoint``), stops
+early after ``patience`` epochs without improvement, and writes into ``out_dir``:
+
+- ``checkpoint.pt`` + ``checkpoint.json``: best-epoch weights and sidecar (``meta`` + epoch, metrics);
+- ``last_state.pt``: model, optimizer, scheduler, epoch, history and RNG states, written atomically
+  after every epoch, so ``resume=True`` continues an interrupted run exactly where it stopped;
+- ``history.csv``: epoch, train_loss, every validation metric, lr, seconds;
+- ``tb/``: TensorBoard event files with the same scalars.
+
+Batches are ``(inputs, targets)`` sequences or dicts with ``"image"`` and ``"label"`` keys (MONAI
+style); pass ``unpack`` for anything else. ``loss_fn(model(inputs), targets)`` must return a scalar.
+
+Example:
+    >>> from pipeline.train.loop import LoopSettings, fit
+    >>> def validate(model):                        # any callable: model -> {name: value}
+    ...     return {"dice": dice_on(model, val_loader)}
+    >>> result = fit(                                                        # doctest: +SKIP
+    ...     model, train_loader, torch.nn.CrossEntropyLoss(), validate, out_dir=run / "segment",
+    ...     settings=LoopSettings(epochs=30, lr=1e-3, monitor="dice", patience=8, seed=0),
+    ...     meta={"config": config.model_dump(mode="json")},
+    ... )
+    >>> result.best_epoch, result.best_metric, result.checkpoint            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from pipeline.checkpoint import load_state, save_checkpoint, save_state, sidecar_path
+from pipeline.io import atomic_path
+
+__all__ = [
+    "FitResult",
+    "LoopSettings",
+    "fit",
+    "rng_states",
+    "seed_everything",
+    "set_rng_states",
+    "unpack_batch",
+]
+
+Validate = Callable[[nn.Module], Mapping[str, float]]
+
+
+@dataclass
+class LoopSettings:
+    """Optimisation and bookkeeping options of ``fit``."""
+
+    epochs: int = 30
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    scheduler: Literal["cosine", "plateau", "none"] = "cosine"
+    plateau_factor: float = 0.5
+    plateau_patience: int = 3
+    min_lr: float = 1e-6
+    patience: int | None = 10  # early stopping: epochs without improvement; None = never stop early
+    monitor: str = "auc"  # key of the validation metrics, maximised
+    grad_clip: float | None = None
+    ema_decay: float | None = None  # keep an exponential moving average of the weights; validate and save it
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` produced; ``model`` holds the best epoch's weights when it returns."""
+
+    best_epoch: int
+    best_metric: float
+    epochs_run: int
+    checkpoint: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_states() -> dict[str, Any]:
+    """The Python, NumPy and torch RNG states, as tensors and plain numbers (``weights_only``-safe)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, python_gauss = random.getstate()
+    states: dict[str, Any] = {
+        "python": [*internal, version, python_gauss],
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore states taken by ``rng_states``."""
+    *internal, version, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = states["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def unpack_batch(batch: Any) -> tuple[Any, Any]:
+    """(inputs, targets) from a ``(x, y, ...)`` sequence or an ``{"image", "label"}`` dict."""
+    if isinstance(batch, Mapping):
+        return batch["image"], batch["label"]
+    return batch[0], batch[1]
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, s: LoopSettings) -> Any:
+    if s.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.epochs, eta_min=s.min_lr)
+    if s.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=s.plateau_factor, patience=s.plateau_patience, min_lr=s.min_lr
+        )
+    return None
+
+
+def _score(metrics: Mapping[str, float], monitor: str) -> float:
+    if monitor not in metrics:
+        raise KeyError(f"validation returned {sorted(metrics)}, not the monitored metric {monitor!r}")
+    value = float(metrics[monitor])
+    return value if math.isfinite(value) else -math.inf
+
+
+def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+    fields = list(dict.fromkeys(key for row in history for key in row))
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def _train_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    loss_fn: Callable[..., torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    s: LoopSettings,
+    device: torch.device,
+    unpack: Callable[[Any], tuple[Any, Any]],
+    ema: AveragedModel | None,
+) -> float:
+    model.train()
+    total, count = 0.0, 0
+    for batch in loader:
+        inputs, targets = (_to(v, device) for v in unpack(batch))
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(inputs), targets)
+        loss.backward()
+        if s.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        n = len(targets) if hasattr(targets, "__len__") else 1
+        total += float(loss.detach()) * n
+        count += n
+    return total / max(count, 1)
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Iterable,
+    loss_fn: Callable[..., torch.Tensor],
+    validate: Validate,
+    out_dir: str | Path,
+    settings: LoopSettings | None = None,
+    *,
+    meta: Mapping[str, Any] | None = None,
+    resume: bool = False,
+    unpack: Callable[[Any], tuple[Any, Any]] = unpack_batch,
+) -> FitResult:
+    """Train ``model`` and keep its best epoch; see the module docstring for the files written.
+
+    ``validate(model)`` returns a mapping of validation metrics (it should use ``torch.no_grad`` and
+    ``model.eval()``; the loop switches back to train mode). ``meta`` goes into the checkpoint
+    sidecar. With ``resume=True`` an existing ``last_state.pt`` is continued (a finished run returns
+    at once); without it, the run starts from scratch.
+    """
+    s = settings or LoopSettings()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(s.device)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    scheduler = _scheduler(optimizer, s)
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(s.ema_decay), use_buffers=True)
+        if s.ema_decay
+        else None
+    )
+    evaluated = ema.module if ema is not None else model
+    ckpt, last = out / "checkpoint.pt", out / "last_state.pt"
+    history: list[dict[str, float]] = []
+    start, best_epoch, best, stale, stopped = 0, -1, -math.inf, 0, False
+
+    if resume and last.is_file():
+        state = load_state(last, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        set_rng_states(state["rng"])
+        history, start = list(state["history"]), int(state["epoch"]) + 1
+        best_epoch, best, stale, stopped = (
+            state["best_epoch"],
+            state["best"],
+            state["stale"],
+            state["stopped"],
+        )
+    else:  # a fresh start: no checkpoint of an earlier run may survive as "best"
+        for stale_file in (ckpt, sidecar_path(ckpt)):
+            stale_file.unlink(missing_ok=True)
+        seed_everything(s.seed)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tb"), purge_step=start if start else None)
+    bar = tqdm(range(start, s.epochs), desc="epochs", disable=not s.progress, initial=start, total=s.epochs)
+    try:
+        for epoch in bar:
+            if stopped:
+                break
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            train_loss = _train_epoch(model, train_loader, loss_fn, optimizer, s, device, unpack, ema)
+            with torch.no_grad():
+                metrics = {k: float(v) for k, v in validate(evaluated).items()}
+            model.train()
+            score = _score(metrics, s.monitor)
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(score if math.isfinite(score) else -1e9)
+            elif scheduler is not None:
+                scheduler.step()
+            row = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                **{f"val_{k}": v for k, v in metrics.items()},
+                "lr": lr,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            history.append(row)
+            for key, value in row.items():
+                if key != "epoch":
+                    writer.add_scalar(key, value, epoch)
+            if score > best:
+                best, best_epoch, stale = score, epoch, 0
+                save_checkpoint(
+                    ckpt,
+                    evaluated,
+                    {
+                        **(meta or {}),
+                        "epoch": epoch,
+                        "val_metrics": metrics,
+                        "monitor": s.monitor,
+                        "loop": asdict(s),
+                    },
+                )
+            else:
+                stale += 1
+            stopped = s.patience is not None and stale >= s.patience
+            _write_history(out / "history.csv", history)
+            save_state(
+                last,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                    "ema": ema.state_dict() if ema is not None else {},
+                    "epoch": epoch,
+                    "history": history,
+                    "rng": rng_states(),
+                    "best_epoch": best_epoch,
+                    "best": best,
+                    "stale": stale,
+                    "stopped": stopped,
+                },
+            )
+            bar.set_postfix(
+                loss=f"{train_loss:.4f}", **{s.monitor: f"{metrics[s.monitor]:.4f}"}, best=f"{best:.4f}"
+            )
+    finally:
+        writer.close()
+        bar.close()
+    if ckpt.is_file():
+        model.load_state_dict(load_state(ckpt, device))
+    return FitResult(best_epoch, best, len(history), ckpt, history)
