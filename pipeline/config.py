@@ -23,6 +23,7 @@ __all__ = [
     "DataConfig",
     "IOConfig",
     "IntensityConfig",
+    "PredictConfig",
     "PreprocessConfig",
     "SegmentConfig",
     "ViewsConfig",
@@ -118,6 +119,7 @@ class ClassifyConfig(Section):
     scheduler: Literal["cosine", "plateau", "none"] = "cosine"
     patience: int | None = Field(10, ge=1)
     monitor: Literal["auc", "balanced_accuracy", "accuracy"] = "auc"
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # validate/save an EMA of the weights
     # class balancing (pipeline.balance) and augmentation (pipeline.augment)
     balance: Literal[
         "none", "weighted_sampler", "oversample_augment", "undersample", "class_weighted_loss", "focal"
@@ -149,13 +151,14 @@ class SegmentConfig(Section):
     size: int = Field(256, ge=16)
     window: tuple[float, float] = (-1024.0, 600.0)
     body_threshold: float = -500.0
-    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    channels: tuple[int, ...] = (8, 16, 32, 64, 128)
     num_res_units: int = Field(2, ge=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     # optimisation (pipeline.train.loop); early stopping on validation Dice
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     patience: int | None = Field(10, ge=1)
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # validate and save an EMA of the weights
     augment: bool = True
     slices_per_volume: int | None = Field(None, ge=1)  # axial slices sampled from each 3D training volume
     # inference and post-processing (pipeline.segment.postprocess)
@@ -165,16 +168,30 @@ class SegmentConfig(Section):
     label_sides: bool = True
 
 
+class PredictConfig(Section):
+    """New scans (a folder, a file or a manifest) that ``medpipe run`` predicts on, per task."""
+
+    classify: Path | None = None
+    segment: Path | None = None
+    workers: int = Field(0, ge=0)
+
+
+Stage = Literal["preprocess", "classify", "segment", "predict", "report"]
+
+
 class Config(Section):
-    """The whole experiment."""
+    """The whole experiment. ``stages`` lists what ``medpipe run`` does, in order: classify and
+    segment each mean train then evaluate; predict runs every task ``predict`` names."""
 
     name: str = "default"
     run: Path | None = None
+    stages: list[Stage] = ["preprocess"]
     io: IOConfig = IOConfig()
     data: DataConfig = DataConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     classify: ClassifyConfig = ClassifyConfig()
     segment: SegmentConfig = SegmentConfig()
+    predict: PredictConfig = PredictConfig()
 
     @property
     def run_dir(self) -> Path:
@@ -182,10 +199,16 @@ class Config(Section):
         return self.run if self.run is not None else Path("runs") / self.name
 
 
+# Data paths: relative ones in a config file are taken from the file's folder, and every one is
+# stored absolute, so a config saved in a run folder still points at the same data.
+PATH_KEYS = (("data", "manifest"), ("data", "input"), ("predict", "classify"), ("predict", "segment"))
+
+
 def load_config(path: str | Path | None = None, **overrides: object) -> Config:
     """Load a YAML config (or the defaults) and apply dotted-key overrides such as ``io.allow_2d``.
 
-    Relative data paths in the file are taken relative to the file's folder.
+    Relative data paths in the file are taken relative to the file's folder, and relative paths given
+    as overrides relative to the working directory (see ``PATH_KEYS``).
     """
     raw: dict = {}
     if path is not None:
@@ -193,13 +216,15 @@ def load_config(path: str | Path | None = None, **overrides: object) -> Config:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the config must be a mapping of sections")
-        for key in ("manifest", "input"):
-            value = raw.get("data", {}).get(key)
+        for section, key in PATH_KEYS:
+            value = (raw.get(section) or {}).get(key)
             if value is not None and not Path(value).is_absolute():
-                raw["data"][key] = str((path.parent / value).resolve())
+                raw[section][key] = str((path.parent / value).resolve())
     for dotted, value in overrides.items():
         if value is None:
             continue
+        if tuple(dotted.split(".")) in PATH_KEYS:  # a path given on the command line: from the cwd
+            value = str(Path(str(value)).resolve())
         node = raw
         *parents, leaf = dotted.split(".")
         for part in parents:

@@ -36,6 +36,7 @@ __all__ = [
     "ManifestError",
     "assign_splits",
     "discover_folder",
+    "input_cases",
     "read_manifest",
 ]
 
@@ -278,3 +279,18 @@ def assign_splits(case_set: CaseSet, val_fraction: float, test_fraction: float, 
         for c in case_set.cases
     ]
     return CaseSet(cases, case_set.classes, case_set.source)
+
+
+def input_cases(inputs: Path) -> list[Case]:
+    """The cases of a prediction input: a manifest CSV, a folder of scans, or one scan file.
+
+    Paths in a manifest may point anywhere (the user named them); a missing single file becomes a
+    case with a problem, so it still gets its error row.
+    """
+    inputs = Path(inputs)
+    if inputs.is_file() and inputs.suffix.lower() == ".csv":
+        return read_manifest(inputs, allow_outside=True).cases
+    if inputs.is_dir():
+        return discover_folder(inputs).cases
+    problem = None if inputs.exists() else "file not found"
+    return [Case(_image_stem(inputs) or inputs.stem, inputs, problem=problem)]

@@ -1,0 +1,144 @@
+"""Classification metrics with bootstrap 95% CIs, and the ``evaluate classify`` stage.
+
+The decision threshold is chosen on the validation split and applied unchanged to test:
+``youden`` takes the ROC point maximising sensitivity + specificity - 1 (``roc_curve`` threshold);
+``balanced_accuracy`` takes the midpoint between adjacent validation scores that maximises balanced
+accuracy (for two classes the same criterion, with the cut placed between cases rather than on one).
+Results at 0.5 are reported beside it. Metrics come from scikit-learn; each has a percentile
+bootstrap CI over test cases (``pipeline.evaluate.bootstrap``) with the threshold held fixed.
+
+Example:
+    >>> y, p = np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.4, 0.9])
+    >>> binary_metrics(y, p, 0.5)["sensitivity"]
+    0.5
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+from pipeline.config import Config
+from pipeline.evaluate.bootstrap import bootstrap_ci
+from pipeline.io import atomic_path
+from pipeline.models import load_classifier, model_spec
+
+__all__ = [
+    "THRESHOLD_METRICS",
+    "binary_metrics",
+    "choose_threshold",
+    "metrics_with_ci",
+    "run_evaluate_classify",
+]
+
+THRESHOLD_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "accuracy": accuracy_score,
+    "balanced_accuracy": balanced_accuracy_score,
+    "sensitivity": lambda y, pred: recall_score(y, pred, pos_label=1, zero_division=0),
+    "specificity": lambda y, pred: recall_score(y, pred, pos_label=0, zero_division=0),
+    "precision": lambda y, pred: precision_score(y, pred, zero_division=0),
+    "f1": lambda y, pred: f1_score(y, pred, zero_division=0),
+}
+
+
+def choose_threshold(labels: np.ndarray, scores: np.ndarray, method: str = "youden") -> float:
+    """The positive-class threshold (predict 1 if score >= threshold) chosen on these cases."""
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("choosing a threshold needs both classes in the validation split")
+    if method == "youden":
+        fpr, tpr, thresholds = roc_curve(labels, scores)
+        return float(min(thresholds[int(np.argmax(tpr - fpr))], 1.0))
+    if method == "balanced_accuracy":
+        values = np.unique(scores)
+        candidates = np.concatenate(
+            [[values[0]], (values[:-1] + values[1:]) / 2, [np.nextafter(values[-1], 2)]]
+        )
+        bacc = [balanced_accuracy_score(labels, scores >= t) for t in candidates]
+        return float(candidates[int(np.argmax(bacc))])
+    raise ValueError(f"unknown threshold method {method!r}: youden or balanced_accuracy")
+
+
+def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Point estimates at a threshold: AUC, the THRESHOLD_METRICS and the confusion matrix."""
+    labels, pred = np.asarray(labels), (np.asarray(scores) >= threshold).astype(int)
+    result: dict[str, Any] = {"auc": float(roc_auc_score(labels, scores))}
+    result.update({name: float(fn(labels, pred)) for name, fn in THRESHOLD_METRICS.items()})
+    result["confusion_matrix"] = confusion_matrix(labels, pred, labels=[0, 1]).tolist()
+    return result
+
+
+def metrics_with_ci(
+    labels: np.ndarray, scores: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Every metric as {value, ci_low, ci_high} (bootstrap 95%), plus the confusion matrix
+    ([[TN, FP], [FN, TP]]) and the threshold."""
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+
+    def at_threshold(fn: Callable) -> Callable[[np.ndarray, np.ndarray], float]:
+        return lambda y, s: fn(y, (s >= threshold).astype(int))
+
+    fns = {"auc": roc_auc_score, **{name: at_threshold(fn) for name, fn in THRESHOLD_METRICS.items()}}
+    result: dict[str, Any] = {"threshold": float(threshold)}
+    for name, fn in fns.items():
+        with warnings.catch_warnings():  # resamples with one class: NaN AUC, skipped by bootstrap_ci
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            warnings.filterwarnings("ignore", "y_pred contains classes not in y_true")
+            value, low, high = bootstrap_ci(fn, labels, scores, n_boot=n_boot, seed=seed)
+        result[name] = {"value": value, "ci_low": low, "ci_high": high}
+    result["confusion_matrix"] = binary_metrics(labels, scores, threshold)["confusion_matrix"]
+    return result
+
+
+def run_evaluate_classify(config: Config) -> Path:
+    """Evaluate ``RUN/classify/checkpoint.pt`` on val (threshold) and test; return the metrics path."""
+    from pipeline.train.classify import load_split, predict_proba
+
+    cfg = config.classify
+    out, prep = config.run_dir / "classify", config.run_dir / "preprocess"
+    model, meta = load_classifier(out / "checkpoint.pt", cfg.device)
+    if len(meta["classes"]) > 2:
+        raise ValueError("evaluate classify supports two classes (thresholded metrics)")
+    key = model_spec(meta["model"]).input
+    val, test = load_split(prep, "val", key), load_split(prep, "test", key)
+    val_scores = predict_proba(model, val.inputs, device=cfg.device)[:, 1]
+    test_scores = predict_proba(model, test.inputs, device=cfg.device)[:, 1]
+    threshold = choose_threshold(val.labels, val_scores, cfg.threshold)
+    metrics = {
+        "classes": meta["classes"],
+        "checkpoint_epoch": meta.get("epoch"),
+        "threshold_method": cfg.threshold,
+        "n_boot": cfg.n_boot,
+        "val": {"n": len(val.labels), **binary_metrics(val.labels, val_scores, threshold)},
+        "test": {
+            "n": len(test.labels),
+            "positives": int(test.labels.sum()),
+            "at_val_threshold": metrics_with_ci(test.labels, test_scores, threshold, cfg.n_boot, cfg.seed),
+            "at_0.5": metrics_with_ci(test.labels, test_scores, 0.5, cfg.n_boot, cfg.seed),
+        },
+    }
+    with atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    with atomic_path(out / "test_predictions.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["case_id", "label", "probability", "prediction"])
+        for cid, label, score in zip(test.case_ids, test.labels, test_scores, strict=True):
+            writer.writerow([cid, int(label), f"{score:.6f}", int(score >= threshold)])
+    return out / "metrics.json"

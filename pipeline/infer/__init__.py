@@ -1,0 +1,1 @@
+"""Inference stages: ``classify`` and ``segment`` predictions on new scans."""

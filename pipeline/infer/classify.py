@@ -1,0 +1,114 @@
+"""Batch classification of new scans with a trained checkpoint: ``medpipe predict classify``.
+
+``run_predict_classify`` reads the inputs (a manifest CSV, a folder of scans, or one file), runs the
+checkpoint's own saved preprocessing (``preprocess_volume`` with the sidecar's parameters) and the
+model on each case, and writes ``out/predictions.csv`` with one row per input: ``case_id, image,
+status, probability, prediction, threshold, reason``. ``probability`` is the positive-class
+probability for two classes (else that of the predicted class); ``prediction`` is a class name,
+taken at the validation-chosen threshold when ``metrics.json`` sits beside the checkpoint (else
+0.5). A case that fails gets an ``error`` row whose reason names its file. Rows are recorded as
+cases finish (``out/ledger.csv`` too), so a rerun skips the cases already ``ok``.
+
+Example:
+    >>> run_predict_classify(Path("runs/x/classify"), Path("new_scans/"), Path("out/"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.batch import Ledger, Row, Task, run_cases
+from pipeline.config import IOConfig, PreprocessConfig
+from pipeline.io import atomic_path
+from pipeline.manifest import Case, input_cases
+from pipeline.models import load_classifier
+from pipeline.preprocess.stage import preprocess_volume, read_case
+from pipeline.train.classify import model_input
+
+__all__ = ["PREDICTION_COLUMNS", "classify_case", "run_predict_classify"]
+
+PREDICTION_COLUMNS = ("case_id", "image", "status", "probability", "prediction", "threshold", "reason")
+
+
+@functools.lru_cache(maxsize=2)
+def _classifier(model_dir: Path) -> tuple[nn.Module, dict[str, Any], float]:
+    """(model, sidecar meta, decision threshold), loaded once per process."""
+    model, meta = load_classifier(model_dir / "checkpoint.pt")
+    metrics = model_dir / "metrics.json"
+    threshold = 0.5
+    if metrics.is_file():
+        threshold = json.loads(metrics.read_text(encoding="utf-8"))["test"]["at_val_threshold"]["threshold"]
+    return model, meta, float(threshold)
+
+
+@torch.no_grad()
+def classify_case(payload: tuple[Path, Case]) -> Row:
+    """Preprocess and classify one case; ``extra`` holds probability, prediction and threshold."""
+    model_dir, case = payload
+    if case.problem:
+        raise ValueError(f"{case.image}: {case.problem}")
+    start = time.perf_counter()
+    model, meta, threshold = _classifier(model_dir)
+    volume, mask = read_case(case, IOConfig.model_validate(meta["io"]))
+    arrays, _ = preprocess_volume(volume, mask, PreprocessConfig.model_validate(meta["preprocess"]))
+    x = torch.from_numpy(model_input(arrays, meta["input"])[None])
+    proba = torch.softmax(model(x), 1)[0].numpy()
+    classes = meta["classes"]
+    if len(proba) == 2:
+        index, probability = int(proba[1] >= threshold), float(proba[1])
+    else:
+        index = int(np.argmax(proba))
+        probability = float(proba[index])
+    name = classes[index] if index < len(classes) else str(index)
+    extra = {"probability": f"{probability:.6f}", "prediction": name, "threshold": f"{threshold:.6f}"}
+    return Row(case.case_id, "ok", "", time.perf_counter() - start, extra=extra)
+
+
+def _prediction_row(row: Row, image: str) -> dict[str, str]:
+    reason = row.reason if not row.reason or image in row.reason else f"{image}: {row.reason}"
+    return {"case_id": row.case_id, "image": image, "status": row.status, **row.extra, "reason": reason}
+
+
+def _write(path: Path, rows: dict[str, dict[str, str]], order: list[str]) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, PREDICTION_COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows[cid] for cid in order if cid in rows)
+
+
+def run_predict_classify(model_dir: Path, inputs: Path, out: Path, workers: int = 0) -> Path:
+    """Classify every input case into ``out/predictions.csv``; return that path."""
+    model_dir, out = Path(model_dir).resolve(), Path(out)
+    _classifier(model_dir)  # fail early on a missing or broken checkpoint
+    cases = input_cases(Path(inputs))
+    images = {c.case_id: str(c.image) for c in cases}
+    order = [c.case_id for c in cases]
+    path = out / "predictions.csv"
+    rows: dict[str, dict[str, str]] = {}
+    if path.is_file():
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = {
+                r["case_id"]: r
+                for r in csv.DictReader(fh)
+                if r.get("status") == "ok" and r["case_id"] in images
+            }
+
+    def record(row: Row) -> None:
+        rows[row.case_id] = _prediction_row(row, images[row.case_id])
+        _write(path, rows, order)
+
+    tasks = [Task(c.case_id, (model_dir, c)) for c in cases if c.case_id not in rows]
+    run_cases(
+        classify_case, tasks, Ledger(out / "ledger.csv"), workers=workers, desc="classify", on_row=record
+    )
+    _write(path, rows, order)
+    return path

@@ -1,0 +1,70 @@
+"""One registry: a config model name → its constructor and the cache array it reads.
+
+Example:
+    >>> from pipeline.config import ClassifyConfig
+    >>> model = build_model(ClassifyConfig(model="cnn3d"), in_channels=1, num_classes=2)
+    >>> MODELS["cnn3d"].input
+    'volume'
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from pipeline.config import ClassifyConfig
+from pipeline.models.cnn3d import Small3DCNN
+from pipeline.models.cnn_lstm import MultiViewCNNLSTM
+from pipeline.models.conv_lstm import MultiViewConvLSTM
+
+__all__ = ["MODELS", "ModelSpec", "build_model", "load_classifier", "model_spec"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build a model (in_channels, num_classes, config) and which cache array it takes."""
+
+    build: Callable[[int, int, ClassifyConfig], nn.Module]
+    input: Literal["views", "volume"]
+
+
+MODELS: dict[str, ModelSpec] = {
+    "cnn_lstm": ModelSpec(
+        lambda c, n, cfg: MultiViewCNNLSTM(
+            c, n, cfg.features, cfg.depth, cfg.encoder, cfg.rnn, cfg.hidden, cfg.bidirectional, cfg.dropout
+        ),
+        "views",
+    ),
+    "conv_lstm": ModelSpec(
+        lambda c, n, cfg: MultiViewConvLSTM(c, n, cfg.features, cfg.depth, cfg.hidden, cfg.dropout), "views"
+    ),
+    "cnn3d": ModelSpec(lambda c, n, cfg: Small3DCNN(c, n, cfg.features, cfg.depth, cfg.dropout), "volume"),
+}
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registry entry for a model name; an unknown name is an error listing the known ones."""
+    if name not in MODELS:
+        raise ValueError(f"unknown classify.model {name!r}; known: {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
+def build_model(cfg: ClassifyConfig, in_channels: int, num_classes: int) -> nn.Module:
+    """The model ``cfg.model`` names, for inputs with ``in_channels`` channels."""
+    return model_spec(cfg.model).build(in_channels, num_classes, cfg)
+
+
+def load_classifier(checkpoint: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a trained classifier from its checkpoint and sidecar; returns (model in eval mode, meta)."""
+    from pipeline.checkpoint import load_checkpoint, sidecar_path
+
+    meta = json.loads(sidecar_path(checkpoint).read_text(encoding="utf-8"))
+    cfg = ClassifyConfig.model_validate(meta["classify"])
+    model = build_model(cfg, int(meta["in_channels"]), max(len(meta["classes"]), 2))
+    load_checkpoint(checkpoint, model, map_location=device)
+    return model.to(device).eval(), meta

@@ -1,0 +1,105 @@
+"""Balancing strategies (each sampler yields the class ratio it promises, within binomial tolerance)
+and the augmentation that makes repeated cases differ."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.augment import view_augmentation, volume_augmentation
+from pipeline.balance import STRATEGIES, balance
+from pipeline.config import ClassifyConfig
+from pipeline.preprocess.views import extract_views
+
+LABELS = np.array([0] * 90 + [1] * 10)
+
+
+def _drawn(strategy: str, epochs: int = 50, **options) -> tuple[np.ndarray, object]:
+    torch.manual_seed(0)
+    b = balance(strategy, LABELS, 2, **options)
+    counts = np.zeros(2)
+    for _ in range(epochs):
+        counts += np.bincount(LABELS[list(b.sampler)], minlength=2)
+    return counts, b
+
+
+def test_weighted_sampler_draws_classes_equally():
+    counts, b = _drawn("weighted_sampler")
+    n = counts.sum()
+    assert abs(counts[1] - n / 2) < 4 * np.sqrt(n * 0.25)  # 4 binomial sd around p = 1/2
+    assert b.after == {0: 50.0, 1: 50.0} and b.before == {0: 90, 1: 10}
+
+
+def test_none_keeps_the_ratio_exactly():
+    counts, b = _drawn("none", epochs=3)
+    assert counts.tolist() == [270, 30] and b.after == {0: 90.0, 1: 10.0}
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_oversample_duplicates_minority_to_ratio(ratio):
+    counts, b = _drawn("oversample_augment", epochs=1, oversample_ratio=ratio)
+    assert counts.tolist() == [90, round(90 * ratio)]
+    assert b.after == {0: 90.0, 1: float(round(90 * ratio))}
+
+
+@pytest.mark.parametrize("ratio", [1.0, 2.0])
+def test_undersample_reduces_majority_each_epoch(ratio):
+    torch.manual_seed(0)
+    b = balance("undersample", LABELS, 2, undersample_ratio=ratio)
+    epochs = [list(b.sampler) for _ in range(20)]
+    for drawn in epochs:
+        assert np.bincount(LABELS[drawn], minlength=2).tolist() == [10 * ratio, 10]
+    assert len({tuple(sorted(e)) for e in epochs}) > 1  # a fresh majority subset per epoch
+    seen = set().union(*epochs)
+    assert len(seen & set(np.flatnonzero(LABELS == 0))) > 60  # over epochs most majority cases are used
+
+
+def test_loss_strategies_keep_sampling_and_change_the_loss():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.2]])
+    target = torch.tensor([1, 0])
+    plain = balance("none", LABELS, 2).loss(logits, target)
+    weighted = balance("class_weighted_loss", LABELS, 2)
+    assert torch.allclose(weighted.loss.weight, torch.tensor([100 / 180, 100 / 20]))
+    assert weighted.loss(logits, target) > plain
+    focal = balance("focal", LABELS, 2, focal_gamma=2.0)
+    assert 0 < focal.loss(logits, target) < plain
+    assert focal.after == weighted.after == {0: 90.0, 1: 10.0}
+
+
+def test_report_and_unknown_strategy():
+    report = balance("weighted_sampler", LABELS, 2).report(["normal", "mass"])
+    assert report["before"] == {"normal": 90, "mass": 10} and report["after_per_epoch"]["mass"] == 50.0
+    assert set(STRATEGIES) == {
+        "none",
+        "weighted_sampler",
+        "oversample_augment",
+        "undersample",
+        "class_weighted_loss",
+        "focal",
+    }
+    with pytest.raises(ValueError, match="known"):
+        balance("smote", LABELS, 2)
+
+
+@pytest.mark.parametrize("mode", ["slab", "max", "projections"])
+@pytest.mark.parametrize("axes", [(0,), (1,), (2,), (0, 2)])
+def test_view_flip_matches_views_of_the_flipped_volume(mode, axes):
+    """Flipping the three views must equal cutting the views from the flipped anatomy."""
+    rng = np.random.default_rng(0)
+    volume = rng.random((9, 11, 13)).astype(np.float32)
+    center = (4, 5, 6)  # the middle voxel: a flip maps the cut planes onto themselves
+    aug = view_augmentation(ClassifyConfig(), flip_channels=mode == "slab")
+    flipped = torch.from_numpy(extract_views(np.flip(volume, axes).copy(), center, mode, 3))
+    assert torch.allclose(aug.flip(torch.from_numpy(extract_views(volume, center, mode, 3)), axes), flipped)
+
+
+def test_view_augmentation_is_seeded_and_varies():
+    views = torch.rand(3, 3, 16, 16)
+    aug = view_augmentation(ClassifyConfig(affine_prob=1.0, noise_std=0.05))
+    first = aug.set_random_state(1)(views)
+    assert torch.equal(first, aug.set_random_state(1)(views))
+    assert not torch.equal(first, aug.set_random_state(2)(views)) and first.shape == views.shape
+    volume = volume_augmentation(ClassifyConfig(affine_prob=1.0))
+    volume.set_random_state(0)
+    assert volume(torch.rand(1, 8, 8, 8)).shape == (1, 8, 8, 8)

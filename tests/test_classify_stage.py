@@ -1,0 +1,165 @@
+"""End to end through the CLI on a tiny synthetic cohort: preprocess, train 2 epochs, evaluate, predict."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.evaluate.classification import run_evaluate_classify
+from pipeline.infer.classify import run_predict_classify
+from pipeline.preprocess.stage import run_preprocess
+from pipeline.train.classify import run_train_classify
+
+SIZE = 12
+
+
+def _blob(radius: float, shift: np.ndarray) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*(np.arange(SIZE) - SIZE / 2 + 0.5,) * 3, indexing="ij"))
+    return (np.linalg.norm(grid - shift[:, None, None, None], axis=0) <= radius).astype(np.uint8) * 255
+
+
+def _cohort(root: Path, n: int = 36) -> Path:
+    """Class 1 is a large ball, class 0 a small one, both jittered; a stratified given split."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        label = int(i % 3 == 0)  # one third positive: imbalanced
+        image = _blob(4.0 if label else 2.5, rng.uniform(-1, 1, 3))
+        nib.save(nib.Nifti1Image(image, np.eye(4)), root / "images" / f"c{i:02d}.nii.gz")
+        split = ("train", "train", "train", "val", "test", "train")[(i // 3) % 6]
+        rows.append(
+            {"case_id": f"c{i:02d}", "image": f"images/c{i:02d}.nii.gz", "label": label, "split": split}
+        )
+    with (root / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root / "manifest.csv"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("cohort")
+    config = load_config(
+        None,
+        **{
+            "run": str(root / "run"),
+            "data.manifest": str(_cohort(root / "data")),
+            "preprocess.spacing": None,
+            "preprocess.shape": [SIZE] * 3,
+            "preprocess.crop_foreground": False,
+            "preprocess.intensity.mode": "minmax",
+            "preprocess.views.mode": "slab",
+            "preprocess.views.thickness": 3,
+            "classify.epochs": 2,
+            "classify.batch_size": 8,
+            "classify.features": 4,
+            "classify.depth": 2,
+            "classify.hidden": 8,
+            "classify.n_boot": 50,
+        },
+    )
+    run_preprocess(config)
+    assert main(["train", "classify", "--run", str(config.run_dir), "--epochs", "2"]) == 0
+    return config, root, config.run_dir / "classify"
+
+
+def test_train_writes_outputs(trained):
+    config, _, out = trained
+    for name in ("checkpoint.pt", "checkpoint.json", "history.csv", "balance.json", "last_state.pt"):
+        assert (out / name).is_file(), name
+    sidecar = json.loads((out / "checkpoint.json").read_text())
+    assert sidecar["classes"] == ["0", "1"] and sidecar["preprocess"]["views"]["thickness"] == 3
+    balance = json.loads((out / "balance.json").read_text())
+    assert balance["strategy"] == "weighted_sampler"
+    assert (
+        balance["before"]["0"] > balance["before"]["1"]
+        and balance["after_per_epoch"]["0"] == balance["after_per_epoch"]["1"]
+    )
+    assert len(list(csv.DictReader((out / "history.csv").open()))) == 2
+    assert any((out / "tb").iterdir())
+    # resuming a finished run trains no further epochs
+    before = (out / "history.csv").read_text()
+    run_train_classify(config, resume=True, progress=False)
+    assert (out / "history.csv").read_text() == before
+
+
+def test_evaluate_writes_metrics_and_predictions(trained):
+    config, _, out = trained
+    assert main(["evaluate", "classify", "--run", str(config.run_dir)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    test = metrics["test"]
+    assert test["n"] == 6 and test["positives"] == 2
+    for block in ("at_val_threshold", "at_0.5"):
+        for name in ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "f1"):
+            assert set(test[block][name]) == {"value", "ci_low", "ci_high"}
+        assert sum(map(sum, test[block]["confusion_matrix"])) == 6
+    assert test["at_0.5"]["threshold"] == 0.5
+    rows = list(csv.DictReader((out / "test_predictions.csv").open()))
+    assert [r["case_id"] for r in rows] == [f"c{i:02d}" for i in range(36) if (i // 3) % 6 == 4]
+    assert set(rows[0]) == {"case_id", "label", "probability", "prediction"}
+
+
+def test_predict_folder_with_a_corrupt_file_resumes(trained):
+    _, root, out = trained
+    scans = root / "new"
+    scans.mkdir()
+    for name in ("c00", "c01"):
+        (scans / f"{name}.nii.gz").write_bytes((root / "data" / "images" / f"{name}.nii.gz").read_bytes())
+    (scans / "broken.nii.gz").write_bytes(b"not a nifti file")
+    assert (
+        main(["predict", "classify", "--model", str(out), "--input", str(scans), "--out", str(root / "pred")])
+        == 0
+    )
+    path = root / "pred" / "predictions.csv"
+    rows = {r["case_id"]: r for r in csv.DictReader(path.open())}
+    assert set(rows) == {"broken", "c00", "c01"}
+    assert rows["broken"]["status"] == "error" and "broken.nii.gz" in rows["broken"]["reason"]
+    for cid in ("c00", "c01"):
+        assert rows[cid]["status"] == "ok" and 0 <= float(rows[cid]["probability"]) <= 1
+        assert rows[cid]["prediction"] in ("0", "1") and rows[cid]["reason"] == ""
+    # a rerun keeps the ok rows and retries only the failed one
+    (scans / "broken.nii.gz").write_bytes((root / "data" / "images" / "c02.nii.gz").read_bytes())
+    ledger_before = (root / "pred" / "ledger.csv").read_text().count("c00")
+    rows = {r["case_id"]: r for r in csv.DictReader(run_predict_classify(out, scans, root / "pred").open())}
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert (root / "pred" / "ledger.csv").read_text().count("c00") == ledger_before
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_adrenalmnist3d_smoke(tmp_path):
+    data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "adrenalmnist3d"
+    if not (data / "manifest.csv").is_file():
+        pytest.skip(f"AdrenalMNIST3D not found: {data}")
+    torch.set_num_threads(2)
+    config = load_config(
+        None,
+        **{
+            "run": str(tmp_path / "run"),
+            "data.manifest": str(data / "manifest.csv"),
+            "preprocess.spacing": None,
+            "preprocess.shape": [28, 28, 28],
+            "preprocess.crop_foreground": False,
+            "preprocess.intensity.mode": "minmax",
+            "preprocess.views.mode": "slab",
+            "preprocess.views.thickness": 5,
+            "classify.epochs": 3,
+            "classify.features": 8,
+            "classify.n_boot": 50,
+        },
+    )
+    run_preprocess(config)
+    run_train_classify(config, progress=False)
+    metrics = json.loads(run_evaluate_classify(config).read_text())
+    assert metrics["test"]["at_val_threshold"]["auc"]["value"] > 0.75
