@@ -1,0 +1,103 @@
+"""Benchmark: lung segmentation quality on kmader_lung2d (267 real CT slices), over several seeds.
+
+For each seed: train ``medpipe train segment`` on the manifest's train split (early stopping on the
+val split), then ``evaluate segment`` on the 40 test slices (whole pipeline: preprocessing, net,
+post-processing, Dice on the original 512² grid). Prints per seed the test Dice mean ± sd, median,
+worst slice, the worst three slices and the training time, and writes ``summary.json``.
+
+Goals (issue 4): mean ≥ 0.988, median ≥ 0.991, worst slice ≥ 0.95 in every seed, ≤ 15 min training
+per seed on 2 cores.
+
+Usage:
+    python bench/lungseg_quality.py [--seeds 0 1 2] [--epochs 60] [--size 256] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kmader_lung2d" / "manifest.csv"
+
+
+def run_seed(seed: int, args: argparse.Namespace) -> dict:
+    """Train and evaluate one seed; return its test Dice summary and training time."""
+    from pipeline.config import Config
+    from pipeline.evaluate.segmentation import run_evaluate_segment
+    from pipeline.train.segment import run_train_segment
+
+    config = Config.model_validate(
+        {
+            "name": f"lungseg_seed{seed}",
+            "run": str(args.work / f"seed{seed}"),
+            "data": {"manifest": str(args.manifest)},
+            "segment": {"seed": seed, "epochs": args.epochs, "size": args.size, "patience": args.patience},
+        }
+    )
+    start = time.perf_counter()
+    out = run_train_segment(config)
+    train_s = time.perf_counter() - start
+    run_evaluate_segment(config)
+    with (out / "per_case.csv").open(newline="", encoding="utf-8") as fh:
+        rows = sorted(csv.DictReader(fh), key=lambda r: float(r["dice"]))
+    dice = np.array([float(r["dice"]) for r in rows])
+    with (out / "history.csv").open(newline="", encoding="utf-8") as fh:
+        epochs = sum(1 for _ in csv.DictReader(fh))
+    return {
+        "seed": seed,
+        "train_minutes": train_s / 60,
+        "epochs_run": epochs,
+        "n_test": len(dice),
+        "mean": float(dice.mean()),
+        "sd": float(dice.std(ddof=1)),
+        "median": float(np.median(dice)),
+        "worst": float(dice[0]),
+        "worst3": [(r["case_id"], float(r["dice"])) for r in rows[:3]],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--manifest", type=Path, default=DATA)
+    parser.add_argument("--work", type=Path, default=Path("runs/bench_lungseg_quality"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--patience", type=int, default=15)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    results = []
+    for seed in args.seeds:
+        result = run_seed(seed, args)
+        results.append(result)
+        worst3 = ", ".join(f"{cid} {d:.4f}" for cid, d in result["worst3"])
+        print(
+            f"seed {seed}: Dice {result['mean']:.4f} ± {result['sd']:.4f}, median {result['median']:.4f}, "
+            f"worst {result['worst']:.4f} [{worst3}]; training {result['train_minutes']:.1f} min "
+            f"({result['epochs_run']} epochs)",
+            flush=True,
+        )
+    goals = all(r["mean"] >= 0.988 and r["median"] >= 0.991 and r["worst"] >= 0.95 for r in results)
+    print(f"goals (mean ≥ 0.988, median ≥ 0.991, worst ≥ 0.95 in every seed) met: {goals}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "summary.json").write_text(
+        json.dumps(
+            {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": results, "goals_met": goals},
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The predict-segment stage: lung masks in each input's own grid, and lung volumes.
+
+``run_predict_segment`` takes a file (NIfTI, NRRD, MHA, a 2D image), a folder (every image file and
+DICOM series below it, ``pipeline.manifest.discover_folder``) or a manifest CSV. For each case it
+reads the scan, runs its axial slices through the net in batches (``segment_volume``),
+post-processes the mask (``pipeline.segment.postprocess``) and writes it with ``io.write_like`` on the
+input's exact grid: same shape, affine, orientation and header. It writes::
+
+    OUT/masks/<case_id>.nii.gz   uint8: right lung 1, left lung 2 (or 1 for both if label_sides is off)
+    OUT/volumes.csv              case_id, right_ml, left_ml, total_ml, status, reason
+    OUT/ledger.csv               case_id, status, reason, seconds, output (pipeline.batch)
+
+A rerun skips the cases whose ledger row is ``ok`` and whose mask exists; a corrupt scan gets an
+``error`` row and the batch goes on.
+
+Example:
+    >>> out = run_predict_segment(Path("runs/demo/segment"), Path("scans/"), Path("out/"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import time
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.batch import Ledger, Row, Task, run_cases
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import SegmentConfig
+from pipeline.io import Volume, atomic_path, read_volume, write_like
+from pipeline.manifest import Case, input_cases
+from pipeline.models.lung_unet import build_lung_unet
+from pipeline.segment.postprocess import lung_volumes, postprocess
+from pipeline.segment.slices import SliceParams, from_canonical, prepare_slices, restore_slices
+from pipeline.train.segment import axial_stack, predict_slices
+
+__all__ = [
+    "VOLUME_COLUMNS",
+    "Segmenter",
+    "input_cases",
+    "load_segmenter",
+    "predict_case",
+    "run_predict_segment",
+    "segment_volume",
+]
+
+VOLUME_COLUMNS = ("case_id", "right_ml", "left_ml", "total_ml", "status", "reason")
+
+
+@dataclass
+class Segmenter:
+    """A trained net with the slice parameters and post-processing settings it was trained with."""
+
+    model: nn.Module
+    params: SliceParams
+    settings: SegmentConfig
+
+
+@functools.lru_cache(maxsize=2)
+def load_segmenter(model_dir: Path) -> Segmenter:
+    """Load ``model_dir/checkpoint.pt`` (weights only) and its sidecar; cached per process."""
+    path = Path(model_dir) / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no segmentation checkpoint (run `medpipe train segment` first)")
+    _, meta = load_checkpoint(path)
+    settings = SegmentConfig.model_validate(meta["config"]["segment"])
+    model = build_lung_unet(**meta["model"])
+    load_checkpoint(path, model)
+    return Segmenter(model.eval(), SliceParams.from_dict(meta["slice_params"]), settings)
+
+
+def _tick(timings: MutableMapping[str, float] | None, stage: str, start: float) -> float:
+    now = time.perf_counter()
+    if timings is not None:
+        timings[stage] = timings.get(stage, 0.0) + now - start
+    return now
+
+
+def segment_volume(
+    segmenter: Segmenter, volume: Volume, timings: MutableMapping[str, float] | None = None
+) -> np.ndarray:
+    """Post-processed uint8 lung labels on the volume's own (i, j, k) grid.
+
+    ``timings``, if given, accumulates seconds per stage: prepare, net, restore, postprocess.
+    """
+    start = time.perf_counter()
+    affine = volume.affine
+    stack = axial_stack(volume.array, affine)
+    prepared = prepare_slices(stack, segmenter.params)
+    start = _tick(timings, "prepare", start)
+    with torch.inference_mode():
+        scores = predict_slices(segmenter.model, prepared.images, segmenter.settings.infer_batch)
+    start = _tick(timings, "net", start)
+    lungs = restore_slices(scores, prepared.boxes, stack.shape[1:])
+    start = _tick(timings, "restore", start)
+    s = segmenter.settings
+    labels = postprocess(
+        from_canonical(lungs.transpose(1, 2, 0), affine),
+        affine,
+        from_canonical(prepared.body.transpose(1, 2, 0), affine),
+        keep=s.keep_components,
+        max_hole_mm2=s.max_hole_mm2,
+        label_sides=s.label_sides,
+    )
+    _tick(timings, "postprocess", start)
+    return labels
+
+
+def predict_case(payload: tuple[Path, Case, Path]) -> Row:
+    """Segment one case and write its mask; the row's ``extra`` holds the volumes (top-level: picklable)."""
+    model_dir, case, out = payload
+    if case.problem:
+        raise ValueError(case.problem)
+    start = time.perf_counter()
+    segmenter = load_segmenter(model_dir)
+    volume = read_volume(case.image, allow_2d=True, series_uid=case.series_uid)
+    labels = segment_volume(segmenter, volume)
+    path = write_like(labels, volume, out / "masks" / f"{case.case_id}.nii.gz")
+    volumes = lung_volumes(labels, volume.affine, sides=segmenter.settings.label_sides)
+    return Row(case.case_id, "ok", "", time.perf_counter() - start, str(path), extra=volumes)
+
+
+def _volume_row(row: Row) -> dict[str, str]:
+    vols = row.extra or {}
+    fmt = {k: f"{vols[k]:.3f}" if k in vols else "" for k in ("right_ml", "left_ml", "total_ml")}
+    return {"case_id": row.case_id, **fmt, "status": row.status, "reason": row.reason}
+
+
+def _read_volume_rows(path: Path) -> dict[str, dict[str, str]]:
+    if not path.is_file():
+        return {}
+    with path.open(newline="", encoding="utf-8") as fh:
+        return {r["case_id"]: r for r in csv.DictReader(fh) if r.get("reason") is not None}
+
+
+def _write_volume_rows(path: Path, rows: dict[str, dict[str, str]], order: list[str]) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, VOLUME_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows[cid] for cid in order if cid in rows)
+
+
+def run_predict_segment(model_dir: Path, inputs: Path, out: Path, workers: int = 0) -> Path:
+    """Segment every input case into ``out`` (see the module docstring); return ``out``."""
+    model_dir, out = Path(model_dir).resolve(), Path(out)
+    load_segmenter(model_dir)  # fail early on a missing or broken checkpoint
+    cases = input_cases(inputs)
+    ledger = Ledger(out / "ledger.csv")
+    done = {cid for cid, row in ledger.rows().items() if row.status == "ok" and Path(row.output).is_file()}
+    volumes_csv = out / "volumes.csv"
+    volume_rows = {cid: r for cid, r in _read_volume_rows(volumes_csv).items() if cid in done}
+    order = [c.case_id for c in cases]
+
+    def record(row: Row) -> None:
+        volume_rows[row.case_id] = _volume_row(row)
+        _write_volume_rows(volumes_csv, volume_rows, order)
+
+    tasks = [Task(c.case_id, (model_dir, c, out)) for c in cases if c.case_id not in done]
+    run_cases(predict_case, tasks, ledger, workers=workers, desc="segment", on_row=record)
+    ledger.compact(order)
+    _write_volume_rows(volumes_csv, volume_rows, order)
+    return out
