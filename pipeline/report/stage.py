@@ -1,0 +1,93 @@
+"""The report stage: a run folder → ``RUN/report/{index.html, metrics.json, figures/*.png}``.
+
+Each section reads what the stages left in the run folder; a missing file or key omits that part
+with a one-line note. ``metrics.json`` gathers the stage metrics files unchanged
+(``{"classify": RUN/classify/metrics.json, "segment": RUN/segment/metrics.json}``). Every link is
+relative, so the report folder (with the run folder, for the mask links) can be zipped and mailed.
+
+Example:
+    >>> run_report(load_config(None, run="runs/demo"))                # doctest: +SKIP
+    PosixPath('runs/demo/report/index.html')
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import Config
+from pipeline.io import atomic_path
+from pipeline.report.blocks import Figures
+from pipeline.report.classifier import classifier_section
+from pipeline.report.html import render
+from pipeline.report.inputs import RunFolder
+from pipeline.report.predictions import predictions_section
+from pipeline.report.segmentation import segmentation_section
+from pipeline.report.summary import STAGES, summary_section
+
+__all__ = ["run_report", "stage_metrics"]
+
+
+def stage_metrics(run: RunFolder) -> dict[str, Any]:
+    """The classify and segment ``metrics.json`` contents that exist (unreadable ones are skipped)."""
+    found = {}
+    for stage in ("classify", "segment"):
+        try:
+            found[stage] = run.json(f"{stage}/metrics.json")
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _run_name(run: RunFolder, config: Config) -> str:
+    """The experiment name a stage recorded, else the config's, else the folder's."""
+    for stage in STAGES:
+        if run.has(f"{stage}/config.yaml"):
+            name = (yaml.safe_load(run.text(f"{stage}/config.yaml")) or {}).get("name")
+            if name and name != "default":
+                return str(name)
+    return config.name if config.name != "default" else run.root.resolve().name
+
+
+def _write(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def run_report(config: Config) -> Path:
+    """Write the HTML report of ``config.run_dir``; return the path of ``index.html``."""
+    run = RunFolder(config.run_dir)
+    if not run.root.is_dir():
+        raise FileNotFoundError(f"{run.root}: no such run folder")
+    out = run.root / "report"
+    figures = Figures(out / "figures")
+    sections = [
+        summary_section(run, figures),
+        classifier_section(run, figures),
+        segmentation_section(run, figures),
+        predictions_section(run, out),
+    ]
+    for stale in figures.folder.glob("*.png"):
+        if stale.name not in figures.written:
+            stale.unlink()
+    metrics = stage_metrics(run)
+    try:
+        medpipe = version("medpipe")
+    except PackageNotFoundError:
+        medpipe = "unknown"
+    page = render(
+        sections,
+        metrics,
+        run_name=_run_name(run, config),
+        generated=datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        run_dir=str(run.root.resolve()),
+        version=medpipe,
+    )
+    _write(out / "metrics.json", json.dumps({"run": _run_name(run, config), **metrics}, indent=2))
+    _write(out / "index.html", page)
+    return out / "index.html"

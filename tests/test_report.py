@@ -1,0 +1,206 @@
+"""The report stage: full and partial run folders, metrics.json, the montage's orientation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from report_run import SECTION_TITLES, Outline, build_run
+
+from pipeline.config import load_config
+from pipeline.preprocess.cache import VIEW_NAMES, save_entry
+from pipeline.preprocess.views import extract_views
+from pipeline.report import run_report
+from pipeline.report.classifier import montage_picks, montage_row
+from pipeline.report.plots import VIEW_EDGES, view_grid
+from pipeline.report.segmentation import display_views
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    """A run folder with every stage's outputs (preprocess, classify, segment, predict)."""
+    return build_run(tmp_path_factory.mktemp("report")).run_dir
+
+
+@pytest.fixture(scope="module")
+def full_report(full_run) -> Path:
+    return run_report(load_config(None, run=str(full_run)))
+
+
+def partial(full_run: Path, dest: Path, stages: tuple[str, ...]) -> Path:
+    """A copy of the run with only ``stages`` (and no earlier report)."""
+    for stage in stages:
+        shutil.copytree(full_run / stage, dest / stage)
+    return dest
+
+
+def outline(index: Path) -> Outline:
+    return Outline(index.read_text(encoding="utf-8"))
+
+
+def assert_images_resolve(index: Path, page: Outline) -> None:
+    for img in page.images:
+        src = img["src"]
+        assert not Path(src).is_absolute() and "://" not in src, src
+        assert (index.parent / src).is_file(), src
+
+
+def test_full_report_has_every_section_and_part(full_report):
+    page = outline(full_report)
+    assert [h.split(".", 1)[1] for h in page.headings] == list(SECTION_TITLES)
+    assert page.notes == [], "a part of a full run was omitted"
+    names = {Path(img["src"]).name for img in page.images}
+    assert names == {
+        "class_balance.png",
+        "classify_curves.png",
+        "classify_confusion.png",
+        "classify_roc_pr.png",
+        "classify_calibration.png",
+        "classify_montage.png",
+        "segment_curves.png",
+        "segment_per_case.png",
+        "segment_overlays.png",
+    }
+    assert_images_resolve(full_report, page)
+    assert {p.name for p in (full_report.parent / "figures").iterdir()} == names
+    html = full_report.read_text(encoding="utf-8")
+    for text in (
+        "Sensitivity (recall)",
+        "95% CI",
+        "Lung volumes, test split",
+        "Ledger totals",
+        "report-test",
+    ):
+        assert text in html
+
+
+def test_mask_links_are_relative_and_resolve(full_report):
+    links = [href for href in outline(full_report).links if href.endswith(".nii.gz")]
+    assert len(links) == 3
+    for href in links:
+        assert href.startswith("../predict/segment/masks/")
+        assert (full_report.parent / href).is_file()
+
+
+def test_metrics_json_equals_the_stage_files(full_run, full_report):
+    gathered = json.loads((full_report.parent / "metrics.json").read_text(encoding="utf-8"))
+    for stage in ("classify", "segment"):
+        stage_file = json.loads((full_run / stage / "metrics.json").read_text(encoding="utf-8"))
+        assert json.dumps(gathered[stage], sort_keys=True) == json.dumps(stage_file, sort_keys=True)
+
+
+@pytest.mark.parametrize(
+    ("stages", "omitted"),
+    [
+        (("preprocess", "classify"), ["Segmentation omitted", "Predictions omitted"]),
+        (("segment",), ["Classifier omitted", "Predictions omitted", "Class balance chart omitted"]),
+        (("preprocess",), ["Classifier omitted", "Segmentation omitted", "Predictions omitted"]),
+    ],
+    ids=["classifier-only", "segmentation-only", "preprocess-only"],
+)
+def test_partial_run_builds_with_notes(full_run, tmp_path, stages, omitted):
+    run = partial(full_run, tmp_path / "run", stages)
+    index = run_report(load_config(None, run=str(run)))
+    page = outline(index)
+    assert [h.split(".", 1)[1] for h in page.headings] == list(SECTION_TITLES)
+    for prefix in omitted:
+        assert any(n.startswith(prefix) for n in page.notes), (prefix, page.notes)
+    assert_images_resolve(index, page)
+    gathered = json.loads((index.parent / "metrics.json").read_text(encoding="utf-8"))
+    assert set(gathered) - {"run"} == {"classify", "segment"} & set(stages)
+
+
+def test_a_missing_key_omits_only_that_part(full_run, tmp_path):
+    run = partial(full_run, tmp_path / "run", ("preprocess", "classify"))
+    metrics = json.loads((run / "classify" / "metrics.json").read_text(encoding="utf-8"))
+    del metrics["test"]["at_val_threshold"]
+    (run / "classify" / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    (run / "classify" / "history.csv").unlink()
+    page = outline(run_report(load_config(None, run=str(run))))
+    assert any(n.startswith("Training curves omitted: no run/classify/history.csv") for n in page.notes)
+    names = {Path(img["src"]).name for img in page.images}
+    assert {"classify_confusion.png", "classify_roc_pr.png", "classify_montage.png"} <= names
+
+
+def test_balance_comparison_table(full_run, tmp_path):
+    run = partial(full_run, tmp_path / "run", ("preprocess", "classify"))
+    rows = [
+        ("strategy", "balanced_accuracy", "sensitivity"),
+        ("none", 0.61, 0.25),
+        ("weighted_sampler", 0.74, 0.7),
+    ]
+    with (run / "classify" / "balance_comparison.csv").open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    html = run_report(load_config(None, run=str(run))).read_text(encoding="utf-8")
+    assert "Class-balancing strategies compared" in html
+    assert '<tr class="em"><td>weighted_sampler</td><td class="num">0.740</td>' in html
+
+
+def test_montage_picks_the_error_categories():
+    rows = [
+        {"case_id": c, "label": str(y), "probability": str(p), "prediction": str(int(p >= 0.5))}
+        for c, y, p in [
+            ("a", 1, 0.9),
+            ("b", 1, 0.6),
+            ("c", 0, 0.8),
+            ("d", 1, 0.2),
+            ("e", 0, 0.1),
+            ("f", 1, 0.4),
+        ]
+    ]
+    picks = [(k, r["case_id"]) for k, r in montage_picks(rows)]
+    assert picks == [("TP", "a"), ("TP", "b"), ("FP", "c"), ("FN", "d"), ("FN", "f")]
+
+
+def _quadrant(image: np.ndarray) -> tuple[str, str]:
+    """Where the brightest pixel is: (top|bottom, left|right) of the displayed image."""
+    row, col = np.unravel_index(int(np.argmax(image)), image.shape)
+    return ("top" if row < image.shape[0] / 2 else "bottom", "left" if col < image.shape[1] / 2 else "right")
+
+
+# A marker to the patient's right, posterior and superior (RAS+ index axes grow towards R, A, S)
+# and where the documented radiological display puts it in each view.
+MARKER = (16, 3, 16)
+EXPECTED = {"axial": ("bottom", "left"), "coronal": ("top", "left"), "sagittal": ("top", "right")}
+
+
+def _marked_volume() -> np.ndarray:
+    volume = np.zeros((20, 20, 20), np.float32)
+    volume[MARKER] = 1.0
+    return volume
+
+
+def test_montage_shows_three_views_in_display_orientation(tmp_path):
+    views = extract_views(_marked_volume(), MARKER, "slab", 3)
+    entry = save_entry(tmp_path / "case.npz", {"views": views}, {"case_id": "marker"})
+    row = montage_row(entry, "marker")
+    assert len(row.views) == len(VIEW_NAMES) == 3
+    fig = view_grid([row])
+    assert [ax.get_title() for ax in fig.axes] == list(VIEW_NAMES)
+    for k, (ax, name) in enumerate(zip(fig.axes, VIEW_NAMES, strict=True)):
+        (image,) = ax.get_images()
+        shown = np.asarray(image.get_array())
+        assert image.origin == "upper"
+        np.testing.assert_array_equal(shown, views[k, 1])  # the cached view as it is: no flips
+        assert _quadrant(shown) == EXPECTED[name], name
+        assert [t.get_text() for t in ax.texts] == list(VIEW_EDGES[name])
+
+
+@pytest.mark.parametrize("codes", ["RAS", "LPS", "PIR"])
+def test_overlay_views_follow_the_display_convention_on_any_grid(codes):
+    """The segmentation overlays reorient a native-grid volume by flips and transposes only."""
+    import nibabel as nib
+
+    ornt = nib.orientations.axcodes2ornt(codes)
+    to_native = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
+    native = nib.orientations.apply_orientation(_marked_volume(), to_native)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0]) @ nib.orientations.inv_ornt_aff(to_native, native.shape)
+    assert "".join(nib.aff2axcodes(affine)) == codes
+    views, aspect = display_views(native, affine, MARKER)
+    assert aspect == [1.0, 1.0, 1.0]
+    for view, name in zip(views, VIEW_NAMES, strict=True):
+        assert _quadrant(view) == EXPECTED[name], (codes, name)
