@@ -6,7 +6,9 @@ A CLI flag overrides the matching config key; the resolved config is saved in th
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,10 +22,22 @@ from pipeline.manifest import ManifestError
 
 __all__ = ["main"]
 
+TASKS = ("classify", "segment")
+
 
 def _config(args: argparse.Namespace, **overrides: object) -> Config:
     """The config file (or defaults) with the given CLI overrides applied."""
     return load_config(getattr(args, "config", None), run=getattr(args, "run", None), **overrides)
+
+
+def _run_config(args: argparse.Namespace, task: str, **overrides: object) -> Config:
+    """``--config`` if given, else the config the run folder saved (the task's, then preprocess's)."""
+    if args.config is None:
+        saved = [args.run / task / "config.yaml", args.run / "preprocess" / "config.yaml"]
+        args.config = next((p for p in saved if p.is_file()), None)
+        if args.config is None:
+            raise FileNotFoundError(f"{args.run}: no saved config in {task}/ or preprocess/; give --config")
+    return _config(args, **overrides)
 
 
 def _print_ledger(title: str, ledger_path: Path, max_errors: int = 20) -> None:
@@ -70,14 +84,83 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.task == "classify":
+        from pipeline.train.classify import run_train_classify as train
+    else:
+        from pipeline.train.segment import run_train_segment as train
+    out = train(_run_config(args, args.task, **{f"{args.task}.epochs": args.epochs}), resume=args.resume)
+    print(f"trained {args.task}: {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.task == "classify":
+        from pipeline.evaluate.classification import run_evaluate_classify as evaluate
+    else:
+        from pipeline.evaluate.segmentation import run_evaluate_segment as evaluate
+    print(f"evaluated {args.task}: {evaluate(_run_config(args, args.task))}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    if args.task == "classify":
+        from pipeline.infer.classify import run_predict_classify as predict
+    else:
+        from pipeline.infer.segment import run_predict_segment as predict
+    out = predict(args.model, args.input, args.out, workers=args.workers)
+    _print_ledger(f"predict {args.task}", args.out / "ledger.csv")
+    print(f"outputs: {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report.stage import run_report
+
+    print(f"report: {run_report(_run_config(args, 'report'))}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.workflow import run_stages
+
+    config = load_config(args.config, run=args.run)
+    timings = run_stages(config)
+    print("timings: " + ", ".join(f"{stage} {sec:.1f}s" for stage, sec in timings.items()))
+    print(f"outputs: {config.run_dir}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
+    start = time.perf_counter()
     timings = run_demo(args.run, quick=args.quick)
     _print_ledger("preprocess", args.run / "preprocess" / "ledger.csv")
     print("timings: " + ", ".join(f"{step} {sec:.1f}s" for step, sec in timings.items()))
-    print(f"outputs: {args.run}")
+    for line in _headlines(args.run):
+        print(line)
+    print(
+        f"demo finished in {time.perf_counter() - start:.0f}s; report: {args.run / 'report' / 'index.html'}"
+    )
     return 0
+
+
+def _headlines(run: Path) -> list[str]:
+    """One line per model with its main test metrics, from the stage metrics files."""
+    lines = []
+    classify = run / "classify" / "metrics.json"
+    if classify.is_file():
+        test = json.loads(classify.read_text())["test"]["at_val_threshold"]
+        names = ("auc", "sensitivity", "specificity", "balanced_accuracy", "f1")
+        lines.append("classifier (test): " + ", ".join(f"{n} {test[n]['value']:.3f}" for n in names))
+    segment = run / "segment" / "metrics.json"
+    if segment.is_file():
+        seg = json.loads(segment.read_text())
+        lines.append(
+            f"lung segmentation (test): Dice {seg['dice']['mean']:.3f}, HD95 {seg['hd95']['mean']:.1f} mm"
+        )
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +197,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, help="run folder (default: runs/<name>)")
     p.add_argument("--workers", type=int, default=None, help="local worker processes (0 = serial)")
     p.add_argument("--scheduler", help="Dask scheduler address (tcp://HOST:PORT) to run the cases on")
+
+    for name, handler, help_ in (
+        ("train", cmd_train, "train the classifier or the lung segmenter on a preprocessed run"),
+        ("evaluate", cmd_evaluate, "evaluate a trained model on the run's test split"),
+    ):
+        p = command(name, handler, help_)
+        p.add_argument("task", choices=TASKS)
+        p.add_argument("--run", type=Path, required=True, help="run folder")
+        p.add_argument("--config", type=Path, help="config YAML (default: the one saved in the run folder)")
+        if name == "train":
+            p.add_argument("--epochs", type=int, help="maximum epochs (overrides the config)")
+            p.add_argument("--resume", action="store_true", help="continue an interrupted training run")
+
+    p = command("predict", cmd_predict, "run a trained model on new scans (resumable; one row per input)")
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("--model", type=Path, required=True, help="the trained model folder, e.g. RUN/segment")
+    p.add_argument("--input", type=Path, required=True, help="a scan, a folder of scans or a manifest CSV")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--workers", type=int, default=0, help="local worker processes (0 = serial)")
+
+    p = command("report", cmd_report, "write RUN/report/index.html from whatever stages the run holds")
+    p.add_argument("--run", type=Path, required=True, help="run folder")
+    p.add_argument("--config", type=Path, help="config YAML (default: the one saved in the run folder)")
+
+    p = command("run", cmd_run, "run every stage a config names (its 'stages' list)")
+    p.add_argument("config", type=Path, help="experiment config YAML")
+    p.add_argument("--run", type=Path, help="run folder (default: runs/<name>)")
 
     p = command("demo", cmd_demo, "run every stage on a generated synthetic chest CT cohort")
     p.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
