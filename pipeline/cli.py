@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -63,6 +64,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         depth=args.depth,
         seed=args.seed,
         progress=True,
+        workers=args.workers,
     )
     print(f"wrote {args.n} synthetic cases; manifest: {manifest}")
     return 0
@@ -90,7 +92,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         from pipeline.train.segment import run_train_segment as train
     out = train(_run_config(args, args.task, **{f"{args.task}.epochs": args.epochs}), resume=args.resume)
-    print(f"trained {args.task}: {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
+        print(f"trained {args.task}: {out}")
     return 0
 
 
@@ -108,7 +111,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from pipeline.infer.classify import run_predict_classify as predict
     else:
         from pipeline.infer.segment import run_predict_segment as predict
-    out = predict(args.model, args.input, args.out, workers=args.workers)
+    out = predict(args.model, args.input, args.out, workers=args.workers, scheduler=args.scheduler)
     _print_ledger(f"predict {args.task}", args.out / "ledger.csv")
     print(f"outputs: {out}")
     return 0
@@ -158,7 +161,7 @@ def _headlines(run: Path) -> list[str]:
     if segment.is_file():
         seg = json.loads(segment.read_text())
         lines.append(
-            f"lung segmentation (test): Dice {seg['dice']['mean']:.3f}, HD95 {seg['hd95']['mean']:.1f} mm"
+            f"lung segmentation (test): Dice {seg['dice']['mean']:.3f}, HD95 {seg['hd95_mm']['mean']:.1f} mm"
         )
     return lines
 
@@ -186,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--workers", type=int, default=0, help="local worker processes (0 = serial)")
 
     p = command("preprocess", cmd_preprocess, "reorient, resample, normalise, crop and cut the three views")
     source = p.add_mutually_exclusive_group()
@@ -216,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", type=Path, required=True, help="a scan, a folder of scans or a manifest CSV")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--workers", type=int, default=0, help="local worker processes (0 = serial)")
+    p.add_argument("--scheduler", help="Dask scheduler address (tcp://HOST:PORT) to run the cases on")
 
     p = command("report", cmd_report, "write RUN/report/index.html from whatever stages the run holds")
     p.add_argument("--run", type=Path, required=True, help="run folder")

@@ -41,6 +41,7 @@ __all__ = [
     "is_nifti",
     "read_header",
     "read_volume",
+    "remove_stale_temps",
     "save_nifti",
     "sitk_affine",
     "write_like",
@@ -313,6 +314,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete the half-written files (``atomic_path`` temporaries) a killed run left below ``folder``.
+
+    Call it when a stage starts on its output folder, before any worker writes there.
+    Returns how many were removed.
+    """
+    stale = [p for p in Path(folder).rglob(".*.tmp*") if p.is_file()] if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def save_nifti(

@@ -28,7 +28,7 @@ from torch import nn
 
 from pipeline.batch import Ledger, Row, Task, run_cases
 from pipeline.config import IOConfig, PreprocessConfig
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, remove_stale_temps
 from pipeline.manifest import Case, input_cases
 from pipeline.models import load_classifier
 from pipeline.preprocess.stage import preprocess_volume, read_case
@@ -85,10 +85,16 @@ def _write(path: Path, rows: dict[str, dict[str, str]], order: list[str]) -> Non
         writer.writerows(rows[cid] for cid in order if cid in rows)
 
 
-def run_predict_classify(model_dir: Path, inputs: Path, out: Path, workers: int = 0) -> Path:
-    """Classify every input case into ``out/predictions.csv``; return that path."""
+def run_predict_classify(
+    model_dir: Path, inputs: Path, out: Path, workers: int = 0, scheduler: str | None = None
+) -> Path:
+    """Classify every input case into ``out/predictions.csv``; return that path.
+
+    ``workers`` local processes, or the Dask cluster at ``scheduler`` (see ``pipeline.batch``).
+    """
     model_dir, out = Path(model_dir).resolve(), Path(out)
     _classifier(model_dir)  # fail early on a missing or broken checkpoint
+    remove_stale_temps(out)
     cases = input_cases(Path(inputs))
     images = {c.case_id: str(c.image) for c in cases}
     order = [c.case_id for c in cases]
@@ -108,7 +114,13 @@ def run_predict_classify(model_dir: Path, inputs: Path, out: Path, workers: int 
 
     tasks = [Task(c.case_id, (model_dir, c)) for c in cases if c.case_id not in rows]
     run_cases(
-        classify_case, tasks, Ledger(out / "ledger.csv"), workers=workers, desc="classify", on_row=record
+        classify_case,
+        tasks,
+        Ledger(out / "ledger.csv"),
+        workers=workers,
+        desc="classify",
+        on_row=record,
+        scheduler=scheduler,
     )
     _write(path, rows, order)
     return path

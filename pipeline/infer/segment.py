@@ -33,7 +33,7 @@ from torch import nn
 from pipeline.batch import Ledger, Row, Task, run_cases
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import SegmentConfig
-from pipeline.io import Volume, atomic_path, read_volume, write_like
+from pipeline.io import Volume, atomic_path, read_volume, remove_stale_temps, write_like
 from pipeline.manifest import Case, input_cases
 from pipeline.models.lung_unet import build_lung_unet
 from pipeline.segment.postprocess import lung_volumes, postprocess
@@ -146,10 +146,16 @@ def _write_volume_rows(path: Path, rows: dict[str, dict[str, str]], order: list[
         writer.writerows(rows[cid] for cid in order if cid in rows)
 
 
-def run_predict_segment(model_dir: Path, inputs: Path, out: Path, workers: int = 0) -> Path:
-    """Segment every input case into ``out`` (see the module docstring); return ``out``."""
+def run_predict_segment(
+    model_dir: Path, inputs: Path, out: Path, workers: int = 0, scheduler: str | None = None
+) -> Path:
+    """Segment every input case into ``out`` (see the module docstring); return ``out``.
+
+    ``workers`` local processes, or the Dask cluster at ``scheduler`` (see ``pipeline.batch``).
+    """
     model_dir, out = Path(model_dir).resolve(), Path(out)
     load_segmenter(model_dir)  # fail early on a missing or broken checkpoint
+    remove_stale_temps(out)
     cases = input_cases(inputs)
     ledger = Ledger(out / "ledger.csv")
     done = {cid for cid, row in ledger.rows().items() if row.status == "ok" and Path(row.output).is_file()}
@@ -162,7 +168,9 @@ def run_predict_segment(model_dir: Path, inputs: Path, out: Path, workers: int =
         _write_volume_rows(volumes_csv, volume_rows, order)
 
     tasks = [Task(c.case_id, (model_dir, c, out)) for c in cases if c.case_id not in done]
-    run_cases(predict_case, tasks, ledger, workers=workers, desc="segment", on_row=record)
+    run_cases(
+        predict_case, tasks, ledger, workers=workers, desc="segment", on_row=record, scheduler=scheduler
+    )
     ledger.compact(order)
     _write_volume_rows(volumes_csv, volume_rows, order)
     return out

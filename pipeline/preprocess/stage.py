@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.batch import Ledger, Row, Task, run_cases
 from pipeline.config import Config, IOConfig, PreprocessConfig, save_config
-from pipeline.io import Volume, VolumeError, atomic_path, read_volume
+from pipeline.io import Volume, VolumeError, atomic_path, read_volume, remove_stale_temps
 from pipeline.manifest import Case, CaseSet, assign_splits, discover_folder, read_manifest
 from pipeline.preprocess.cache import load_meta, save_entry, valid_entry
 from pipeline.preprocess.fingerprint import fingerprint
@@ -60,8 +60,12 @@ def preprocess_volume(
         point=vcfg.point if vcfg.center == "point" else None,
         affine=grid.affine,
     )
+    if vcfg.within_mask and labels is None:
+        raise VolumeError(volume.path, "views.within_mask is set but the case has no mask")
+    background = float(image.min())
+    shown = np.where(labels > 0, image, background) if vcfg.within_mask else image
     arrays: dict[str, np.ndarray] = {
-        "views": extract_views(image, center, vcfg.mode, vcfg.thickness).astype(np.float32),
+        "views": extract_views(shown, center, vcfg.mode, vcfg.thickness, fill=background).astype(np.float32),
         "affine": grid.affine,
     }
     if labels is not None:
@@ -147,12 +151,6 @@ def load_cases(config: Config) -> CaseSet:
     return assign_splits(case_set, data.val_fraction, data.test_fraction, data.seed)
 
 
-def _remove_stale_temps(folder: Path) -> None:
-    """Delete half-written files that a killed run left behind (atomic writes use ``.name.*.tmp*``)."""
-    for tmp in folder.glob(".*.tmp*"):
-        tmp.unlink(missing_ok=True)
-
-
 def _write_cases(path: Path, case_set: CaseSet, rows: dict[str, Row], out: Path) -> None:
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, CASE_COLUMNS)
@@ -185,8 +183,7 @@ def run_preprocess(config: Config) -> Path:
     out = config.run_dir / "preprocess"
     cache_dir = out / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(cache_dir)
-    _remove_stale_temps(out)
+    remove_stale_temps(out)
     case_set = load_cases(config)
     params = {
         "cache_format": CACHE_FORMAT,

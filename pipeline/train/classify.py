@@ -4,7 +4,10 @@
 needs (views or volume) into memory, balances the training split (``pipeline.balance``), augments
 it (``pipeline.augment``), and trains with the shared loop, early-stopping on the validation metric
 ``classify.monitor``. It writes ``RUN/classify/{checkpoint.pt, checkpoint.json, last_state.pt,
-history.csv, balance.json, config.yaml, tb/}``.
+history.csv, balance.json, config.yaml, tb/}``. Under ``torchrun`` it trains with DDP
+(``pipeline.train.distributed``): ``batch_size`` is per process, each rank draws its share of the
+balanced sampler (``weighted_sampler``: MONAI's ``DistributedWeightedRandomSampler``) and rank 0
+writes the files.
 
 Example:
     >>> out = run_train_classify(load_config("cfg.yaml"))      # doctest: +SKIP
@@ -32,6 +35,7 @@ from pipeline.config import ClassifyConfig, Config, save_config
 from pipeline.io import atomic_path
 from pipeline.models import build_model, model_spec
 from pipeline.preprocess.cache import load_entry
+from pipeline.train import distributed
 from pipeline.train.loop import LoopSettings, fit, seed_everything
 
 __all__ = [
@@ -150,9 +154,10 @@ def loop_settings(cfg: ClassifyConfig, progress: bool = True) -> LoopSettings:
     )
 
 
+@distributed.process_group()
 def run_train_classify(config: Config, resume: bool = False, progress: bool = True) -> Path:
     """Train the configured classifier on ``RUN/preprocess``; return ``RUN/classify``."""
-    cfg = config.classify
+    cfg = config.classify.model_copy(update={"device": distributed.device_for(config.classify.device)})
     prep, out = config.run_dir / "preprocess", config.run_dir / "classify"
     out.mkdir(parents=True, exist_ok=True)
     params = read_params(prep)
@@ -174,8 +179,9 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
         undersample_ratio=cfg.undersample_ratio,
         focal_gamma=cfg.focal_gamma,
     )
-    with atomic_path(out / "balance.json") as tmp:
-        tmp.write_text(json.dumps(balancing.report(classes), indent=2), encoding="utf-8")
+    if distributed.is_main():
+        with atomic_path(out / "balance.json") as tmp:
+            tmp.write_text(json.dumps(balancing.report(classes), indent=2), encoding="utf-8")
     if not cfg.augment:
         transform = None
     elif spec.input == "views":
@@ -183,18 +189,20 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
         transform = view_augmentation(cfg, flip_channels=mode in ("slice", "slab"))
     else:
         transform = volume_augmentation(cfg)
+    dataset = CaseDataset(train, transform)
     loader = DataLoader(
-        CaseDataset(train, transform),
+        dataset,
         batch_size=cfg.batch_size,
-        sampler=balancing.sampler,
+        sampler=distributed.shard(balancing.sampler, dataset, cfg.seed),
         num_workers=cfg.workers,
-        drop_last=len(train.labels) > cfg.batch_size,
+        drop_last=len(train.labels) > cfg.batch_size * distributed.world_size(),
     )
 
     def validate(net: nn.Module) -> dict[str, float]:
         return split_metrics(val.labels, predict_proba(net, val.inputs, device=cfg.device))
 
-    save_config(config, out / "config.yaml")
+    if distributed.is_main():
+        save_config(config, out / "config.yaml")
     meta = {
         "task": "classify",
         "model": cfg.model,

@@ -11,6 +11,13 @@ early after ``patience`` epochs without improvement, and writes into ``out_dir``
 - ``history.csv``: epoch, train_loss, every validation metric, lr, seconds;
 - ``tb/``: TensorBoard event files with the same scalars.
 
+Under ``torchrun`` (``pipeline.train.distributed``) the model trains in DistributedDataParallel and
+the loader's distributed sampler is reseeded every epoch; ``train_loss`` is the mean over the ranks.
+Rank 0 alone validates, on the full validation set, and hands the metrics to every rank, so all
+ranks take the same scheduler, best-epoch and early-stopping decisions; rank 0 alone writes the
+files above and shows the progress bar. Each rank seeds its RNGs with ``seed + rank`` and its RNG
+states are kept in ``last_state.pt``; every rank resumes from that file.
+
 Batches are ``(inputs, targets)`` sequences or dicts with ``"image"`` and ``"label"`` keys (MONAI
 style); pass ``unpack`` for anything else. ``loss_fn(model(inputs), targets)`` must return a scalar.
 
@@ -45,6 +52,7 @@ from tqdm.auto import tqdm
 
 from pipeline.checkpoint import load_state, save_checkpoint, save_state, sidecar_path
 from pipeline.io import atomic_path
+from pipeline.train import distributed
 
 __all__ = [
     "FitResult",
@@ -222,6 +230,8 @@ def fit(
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(s.device)
     model.to(device)
+    net = distributed.wrap(model, device)
+    main = distributed.is_main()
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     scheduler = _scheduler(optimizer, s)
     ema = (
@@ -242,7 +252,8 @@ def fit(
             scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        set_rng_states(state["rng"])
+        ranks = state.get("rank_rng", [])
+        set_rng_states(ranks[distributed.rank()] if len(ranks) == distributed.world_size() else state["rng"])
         history, start = list(state["history"]), int(state["epoch"]) + 1
         best_epoch, best, stale, stopped = (
             state["best_epoch"],
@@ -251,23 +262,31 @@ def fit(
             state["stopped"],
         )
     else:  # a fresh start: no checkpoint of an earlier run may survive as "best"
-        for stale_file in (ckpt, sidecar_path(ckpt)):
+        for stale_file in (ckpt, sidecar_path(ckpt)) if main else ():
             stale_file.unlink(missing_ok=True)
-        seed_everything(s.seed)
+        seed_everything(s.seed + distributed.rank())
 
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(out / "tb"), purge_step=start if start else None)
-    bar = tqdm(range(start, s.epochs), desc="epochs", disable=not s.progress, initial=start, total=s.epochs)
+    writer = SummaryWriter(str(out / "tb"), purge_step=start if start else None) if main else None
+    bar = tqdm(
+        range(start, s.epochs),
+        desc="epochs",
+        disable=not (s.progress and main),
+        initial=start,
+        total=s.epochs,
+    )
     try:
         for epoch in bar:
             if stopped:
                 break
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            train_loss = _train_epoch(model, train_loader, loss_fn, optimizer, s, device, unpack, ema)
+            distributed.set_epoch(train_loader, epoch)
+            train_loss = _train_epoch(net, train_loader, loss_fn, optimizer, s, device, unpack, ema)
+            train_loss = distributed.mean(train_loss)
             with torch.no_grad():
-                metrics = {k: float(v) for k, v in validate(evaluated).items()}
+                metrics = distributed.from_main(lambda: {k: float(v) for k, v in validate(evaluated).items()})
             model.train()
             score = _score(metrics, s.monitor)
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -282,11 +301,19 @@ def fit(
                 "seconds": round(time.perf_counter() - t0, 3),
             }
             history.append(row)
+            improved = score > best
+            if improved:
+                best, best_epoch, stale = score, epoch, 0
+            else:
+                stale += 1
+            stopped = s.patience is not None and stale >= s.patience
+            rank_rng = distributed.gather(rng_states())
+            if not main:
+                continue
             for key, value in row.items():
                 if key != "epoch":
                     writer.add_scalar(key, value, epoch)
-            if score > best:
-                best, best_epoch, stale = score, epoch, 0
+            if improved:
                 save_checkpoint(
                     ckpt,
                     evaluated,
@@ -298,9 +325,6 @@ def fit(
                         "loop": asdict(s),
                     },
                 )
-            else:
-                stale += 1
-            stopped = s.patience is not None and stale >= s.patience
             _write_history(out / "history.csv", history)
             save_state(
                 last,
@@ -311,7 +335,8 @@ def fit(
                     "ema": ema.state_dict() if ema is not None else {},
                     "epoch": epoch,
                     "history": history,
-                    "rng": rng_states(),
+                    "rng": rank_rng[0],
+                    "rank_rng": rank_rng,
                     "best_epoch": best_epoch,
                     "best": best,
                     "stale": stale,
@@ -322,8 +347,10 @@ def fit(
                 loss=f"{train_loss:.4f}", **{s.monitor: f"{metrics[s.monitor]:.4f}"}, best=f"{best:.4f}"
             )
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         bar.close()
+    distributed.barrier()  # the other ranks read the best checkpoint once rank 0 has written it
     if ckpt.is_file():
         model.load_state_dict(load_state(ckpt, device))
     return FitResult(best_epoch, best, len(history), ckpt, history)
