@@ -114,7 +114,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def trained(cohort, tmp_path_factory) -> Config:
-    """A small U-Net trained briefly on the phantom cohort."""
+    """A small U-Net trained briefly on the phantom cohort, validated and saved as an EMA."""
     config = Config.model_validate(
         {
             "run": str(tmp_path_factory.mktemp("run")),
@@ -127,6 +127,7 @@ def trained(cohort, tmp_path_factory) -> Config:
                 "batch_size": 8,
                 "lr": 0.005,
                 "patience": None,
+                "ema_decay": 0.9,
                 "infer_batch": 16,
             },
         }
@@ -220,6 +221,7 @@ def test_training_writes_the_run_folder(trained):
     assert any((out / "tb").iterdir())
     meta = json.loads((out / "checkpoint.json").read_text())
     assert meta["slice_params"]["size"] == 64 and meta["val_metrics"]["dice"] > 0.9
+    assert meta["loop"]["ema_decay"] == 0.9  # the checkpoint holds the EMA weights
 
 
 @pytest.mark.parametrize(("orientation", "oblique"), [("RAS", False), ("LPS", False), ("LPS", True)])

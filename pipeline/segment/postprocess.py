@@ -54,7 +54,7 @@ def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
 
     Reduces over the slices that hit first (cheap contiguous passes), then over one (H, W) plane.
     """
-    hit = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))
+    hit = np.flatnonzero(mask.any(axis=(1, 2)))
     if hit.size == 0:
         return None
     first, last = int(hit[0]), int(hit[-1]) + 1
@@ -85,8 +85,9 @@ def _largest_components(mask: np.ndarray, keep: int) -> np.ndarray:
     """Labels 1..keep of the ``keep`` largest 3D components (face connectivity), largest first."""
     image = sitk.GetImageFromArray(mask.view(np.uint8))
     ranked = sitk.RelabelComponent(sitk.ConnectedComponent(image), sortByObjectSize=True)
-    labels = sitk.GetArrayViewFromImage(ranked)
-    return np.where(labels <= keep, labels, 0).astype(np.uint8)
+    labels = sitk.GetArrayFromImage(ranked)
+    labels[labels > keep] = 0
+    return labels.astype(np.uint8, copy=False)
 
 
 def _sides(labels: np.ndarray, midline: float, keep: int) -> np.ndarray:

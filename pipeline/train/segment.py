@@ -36,13 +36,14 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from pipeline.config import Config, SegmentConfig, save_config
 from pipeline.io import atomic_path, read_volume
 from pipeline.manifest import Case, assign_splits, read_manifest
 from pipeline.models.lung_unet import build_lung_unet
 from pipeline.segment.slices import SliceParams, crop_resize, prepare_slices, to_canonical
+from pipeline.train import distributed
 from pipeline.train.loop import LoopSettings, fit, seed_everything
 
 __all__ = [
@@ -121,8 +122,8 @@ def load_slices(cases: list[Case], params: SliceParams, slices_per_volume: int |
 def augmentation(cfg: SegmentConfig) -> Compose:
     """MONAI Rand* chain for an {"image", "label"} pair of (1, H, W) slices in (L, P) orientation.
 
-    The soft label is resampled bilinearly, like the image.
-    Left-right flips (axis 0) only: a mirrored chest is plausible anatomy, an upside-down one is not.
+    The soft label is resampled bilinearly, like the image. Left-right flips (axis 0) only: a
+    mirrored chest is plausible anatomy, an upside-down one is not.
     """
     keys = ("image", "label")
     return Compose(
@@ -192,8 +193,13 @@ def _validator(data: SliceSet, batch_size: int) -> Callable[[nn.Module], dict[st
     return validate
 
 
+@distributed.process_group()
 def run_train_segment(config: Config, resume: bool = False) -> Path:
-    """Train the lung U-Net on the manifest's train split; return ``RUN/segment``."""
+    """Train the lung U-Net on the manifest's train split; return ``RUN/segment``.
+
+    Under ``torchrun`` it trains with DDP: ``batch_size`` is per process, each rank shuffles its
+    share of the slices (``pipeline.train.distributed``).
+    """
     cfg = config.segment
     out = config.run_dir / "segment"
     out.mkdir(parents=True, exist_ok=True)
@@ -207,11 +213,12 @@ def run_train_segment(config: Config, resume: bool = False) -> Path:
     if not val_cases:
         raise ValueError("segment training needs validation cases (a val split)")
     val = load_slices(val_cases, params, cfg.slices_per_volume)
+    dataset = _PairDataset(train, augmentation(cfg) if cfg.augment else None)
     loader = DataLoader(
-        _PairDataset(train, augmentation(cfg) if cfg.augment else None),
+        dataset,
         batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=len(train.ids) > cfg.batch_size,
+        sampler=distributed.shard(RandomSampler(dataset), dataset, cfg.seed),
+        drop_last=len(train.ids) > cfg.batch_size * distributed.world_size(),
     )
     seed_everything(cfg.seed)
     model = build_lung_unet(cfg.channels, cfg.num_res_units, cfg.dropout)
