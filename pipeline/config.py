@@ -74,6 +74,9 @@ class ViewsConfig(Section):
     point: tuple[float, float, float] | None = None  # RAS mm, with center: point
     mode: Literal["slice", "slab", "mean", "max", "projections"] = "slice"
     thickness: int = Field(1, ge=1)
+    # Cut the views with everything outside the case's mask set to background: with mode max this
+    # is a lung-only MIP, where a nodule stands out that a whole-chest projection hides.
+    within_mask: bool = False
 
     @model_validator(mode="after")
     def _point_given(self) -> ViewsConfig:
@@ -111,6 +114,7 @@ class ClassifyConfig(Section):
     depth: int = Field(3, ge=1)
     rnn: Literal["lstm", "gru"] = "lstm"
     hidden: int = Field(64, ge=1)
+    pool: Literal["avg", "max", "avgmax"] = "avg"  # how the conv encoder pools a view (or volume)
     bidirectional: bool = True
     dropout: float = Field(0.3, ge=0, lt=1)
     # optimisation (pipeline.train.loop)

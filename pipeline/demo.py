@@ -22,8 +22,8 @@ STAGES = ["preprocess", "classify", "segment", "predict", "report"]
 
 
 def demo_config(run: Path, quick: bool) -> Config:
-    """The demo's config: small CT cubes and max-projection views (a lesion anywhere in a lung
-    shows up in them), a compact CNN-LSTM, and a U-Net on 128² axial slices."""
+    """The demo's config: small CT cubes, views as projections within the lung mask (a nodule
+    anywhere in a lung shows up in a lung-only MIP), a compact CNN-LSTM, a U-Net on 96² slices."""
     return load_config(
         None,
         name="demo",
@@ -35,12 +35,15 @@ def demo_config(run: Path, quick: bool) -> Config:
             "preprocess.spacing": [3.0, 3.0, 3.0],
             "preprocess.shape": [48, 48, 48] if quick else [96, 96, 96],
             "preprocess.views.mode": "projections",
+            "preprocess.views.within_mask": True,
             "preprocess.workers": 2,
-            "classify.epochs": 2 if quick else 25,
-            "segment.epochs": 1 if quick else 6,
-            "segment.size": 64 if quick else 128,
-            "segment.slices_per_volume": 4 if quick else 12,
-            "predict.classify": str(run / "new_scans" / "images"),
+            "classify.epochs": 2 if quick else 15,
+            "classify.pool": "avgmax",  # a nodule is a small local finding: keep the max response
+            "classify.batch_size": 16,
+            "segment.epochs": 1 if quick else 4,
+            "segment.size": 64 if quick else 96,
+            "segment.slices_per_volume": 4 if quick else 6,
+            "predict.classify": str(run / "new_scans" / "manifest.csv"),  # its lung masks feed the views
             "predict.segment": str(run / "new_scans" / "images"),
             "predict.workers": 2,
         },
@@ -53,6 +56,6 @@ def run_demo(run: Path = Path("runs/demo"), quick: bool = False) -> dict[str, fl
     n, new, size, depth = (24, 4, 64, 40) if quick else (160, 12, None, None)
     for folder, count, seed in ((run / "cohort", n, 0), (run / "new_scans", new, 1000)):
         if not (folder / "manifest.csv").is_file():
-            write_cohort(folder, count, 0.2, size=size, depth=depth, seed=seed, progress=True)
+            write_cohort(folder, count, 0.2, size=size, depth=depth, seed=seed, progress=True, workers=2)
     record_timings(run, {"synth": time.perf_counter() - start})
     return run_stages(demo_config(run, quick))

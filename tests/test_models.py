@@ -8,6 +8,7 @@ from torch import nn
 
 from pipeline.config import ClassifyConfig
 from pipeline.models import MODELS, ConvLSTMCell, build_model
+from pipeline.models.cnn_lstm import GlobalPool
 
 CASES = [
     ("cnn_lstm", {}, (4, 3, 5, 16, 16)),
@@ -16,6 +17,8 @@ CASES = [
     ("cnn_lstm", {}, (4, 1, 2, 16, 16)),  # a 2D input: the axial view only
     ("conv_lstm", {}, (4, 3, 3, 16, 16)),
     ("cnn3d", {}, (4, 1, 16, 16, 16)),
+    ("cnn_lstm", {"pool": "avgmax"}, (4, 3, 3, 16, 16)),
+    ("cnn3d", {"pool": "max"}, (4, 1, 16, 16, 16)),
 ]
 
 
@@ -84,3 +87,13 @@ def test_overfits_tiny_separable_set(name):
         optimizer.step()
     model.eval()
     assert (model(x).argmax(1) == y).all()
+
+
+def test_global_pool_modes_on_a_hand_made_map():
+    """One hot spot in a 4x4 map: the mean dilutes it 16-fold, the max keeps it."""
+    x = torch.zeros(1, 2, 4, 4)
+    x[0, 0, 1, 2] = 8.0
+    x[0, 1] = 1.0
+    assert GlobalPool("avg")(x).tolist() == [[0.5, 1.0]]
+    assert GlobalPool("max")(x).tolist() == [[8.0, 1.0]]
+    assert GlobalPool("avgmax")(x).tolist() == [[0.5, 1.0, 8.0, 1.0]]

@@ -101,6 +101,7 @@ def metrics_with_ci(
         with warnings.catch_warnings():  # resamples with one class: NaN AUC, skipped by bootstrap_ci
             warnings.simplefilter("ignore", UndefinedMetricWarning)
             warnings.filterwarnings("ignore", "y_pred contains classes not in y_true")
+            warnings.filterwarnings("ignore", "A single label was found")
             value, low, high = bootstrap_ci(fn, labels, scores, n_boot=n_boot, seed=seed)
         result[name] = {"value": value, "ci_low": low, "ci_high": high}
     result["confusion_matrix"] = binary_metrics(labels, scores, threshold)["confusion_matrix"]

@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.models.cnn_lstm import ConvEncoder
+from pipeline.models.cnn_lstm import ConvEncoder, Pool
 
 __all__ = ["Small3DCNN"]
 
 
 class Small3DCNN(nn.Module):
-    """3D conv-BatchNorm-ReLU stages → global average pool → dropout → linear head."""
+    """3D conv-BatchNorm-ReLU stages → global pool (avg, max or both) → dropout → linear head."""
 
     def __init__(
         self,
@@ -25,9 +25,10 @@ class Small3DCNN(nn.Module):
         features: int = 16,
         depth: int = 3,
         dropout: float = 0.3,
+        pool: Pool = "avg",
     ) -> None:
         super().__init__()
-        self.encoder = ConvEncoder(in_channels, features, depth, spatial_dims=3)
+        self.encoder = ConvEncoder(in_channels, features, depth, spatial_dims=3, pool=pool)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.encoder.out_channels, num_classes))
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:

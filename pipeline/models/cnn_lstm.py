@@ -20,14 +20,32 @@ from monai.networks.blocks import Convolution
 from monai.networks.nets import ResNet
 from torch import nn
 
-__all__ = ["ConvEncoder", "MultiViewCNNLSTM", "ResNetEncoder", "time_distributed"]
+__all__ = ["ConvEncoder", "GlobalPool", "MultiViewCNNLSTM", "ResNetEncoder", "time_distributed"]
+
+
+Pool = Literal["avg", "max", "avgmax"]
+
+
+class GlobalPool(nn.Module):
+    """(B, F, ...) -> (B, F) by the mean or the max over space, or (B, 2F) with both concatenated."""
+
+    def __init__(self, mode: Pool = "avg") -> None:
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(2)
+        parts = {"avg": [flat.mean(-1)], "max": [flat.amax(-1)]}
+        return torch.cat(parts["avg"] + parts["max"] if self.mode == "avgmax" else parts[self.mode], dim=1)
 
 
 class ConvEncoder(nn.Module):
     """``depth`` stages of two conv-BatchNorm-ReLU blocks, each stage but the last max-pooled.
 
     Widths are ``features * 2**stage``. With ``global_pool`` the output is a (B, F) vector; without
-    it, the (B, F, ...) feature map. ``spatial_dims`` 2 or 3.
+    it, the (B, F, ...) feature map. ``spatial_dims`` 2 or 3. ``pool`` is how the map becomes a
+    vector: "avg" suits whole-shape classes; "max" or "avgmax" (both, concatenated: F doubles) keep a
+    small local finding, such as a nodule, from being averaged away over the view.
     """
 
     def __init__(
@@ -37,6 +55,7 @@ class ConvEncoder(nn.Module):
         depth: int = 3,
         spatial_dims: int = 2,
         global_pool: bool = True,
+        pool: Pool = "avg",
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -53,10 +72,8 @@ class ConvEncoder(nn.Module):
             if stage < depth - 1:
                 layers.append(nn.MaxPool3d(2) if spatial_dims == 3 else nn.MaxPool2d(2))
         if global_pool:
-            layers += [
-                nn.AdaptiveAvgPool3d(1) if spatial_dims == 3 else nn.AdaptiveAvgPool2d(1),
-                nn.Flatten(),
-            ]
+            layers.append(GlobalPool(pool))
+            channels *= 2 if pool == "avgmax" else 1
         self.layers = nn.Sequential(*layers)
         self.out_channels = channels
 
@@ -108,10 +125,11 @@ class MultiViewCNNLSTM(nn.Module):
         hidden: int = 64,
         bidirectional: bool = True,
         dropout: float = 0.3,
+        pool: Pool = "avg",
     ) -> None:
         super().__init__()
         self.encoder = (
-            ConvEncoder(in_channels, features, depth)
+            ConvEncoder(in_channels, features, depth, pool=pool)
             if encoder == "conv"
             else ResNetEncoder(in_channels, features)
         )

@@ -36,14 +36,25 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     "cnn_lstm": ModelSpec(
         lambda c, n, cfg: MultiViewCNNLSTM(
-            c, n, cfg.features, cfg.depth, cfg.encoder, cfg.rnn, cfg.hidden, cfg.bidirectional, cfg.dropout
+            c,
+            n,
+            cfg.features,
+            cfg.depth,
+            cfg.encoder,
+            cfg.rnn,
+            cfg.hidden,
+            cfg.bidirectional,
+            cfg.dropout,
+            cfg.pool,
         ),
         "views",
     ),
     "conv_lstm": ModelSpec(
         lambda c, n, cfg: MultiViewConvLSTM(c, n, cfg.features, cfg.depth, cfg.hidden, cfg.dropout), "views"
     ),
-    "cnn3d": ModelSpec(lambda c, n, cfg: Small3DCNN(c, n, cfg.features, cfg.depth, cfg.dropout), "volume"),
+    "cnn3d": ModelSpec(
+        lambda c, n, cfg: Small3DCNN(c, n, cfg.features, cfg.depth, cfg.dropout, cfg.pool), "volume"
+    ),
 }
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,18 @@ def case_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+def _write_case(out: Path, i: int, seed: int, positive: bool, size: int | None, depth: int | None) -> tuple:
+    """Generate and write case ``i``; return its manifest row and its cohort.json entry."""
+    case_id = f"phantom_{i:04d}"
+    case = generate_case(case_seed(seed, i), positive=positive, size=size, depth=depth)
+    image, mask = f"images/{case_id}.nii.gz", f"masks/{case_id}.nii.gz"
+    save_nifti(out / image, case.image, case.affine)
+    save_nifti(out / mask, case.mask, case.affine)
+    label = LABEL_NAMES[case.label]
+    meta = {"case_id": case_id, "label": label, "lesion_center_ras": case.lesion_center_ras, **case.meta}
+    return (case_id, image, mask, label, case_id), meta
+
+
 def write_cohort(
     out: str | Path,
     n: int,
@@ -49,8 +63,12 @@ def write_cohort(
     depth: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    workers: int = 0,
 ) -> Path:
-    """Generate ``n`` cases into ``out`` and return the path of its manifest."""
+    """Generate ``n`` cases into ``out`` (on ``workers`` processes if > 0); return the manifest path.
+
+    The files do not depend on ``workers``: each case has its own seed.
+    """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     if not 0.0 <= positive_fraction <= 1.0:
@@ -62,19 +80,16 @@ def write_cohort(
     manifest.unlink(missing_ok=True)  # an old manifest must not describe a half-rewritten cohort
 
     positives = set(np.random.default_rng(seed).permutation(n)[: round(n * positive_fraction)].tolist())
-    rows, cases = [], []
-    for i in tqdm(range(n), desc="synth", unit="case", disable=not progress):
-        case_id = f"phantom_{i:04d}"
-        case = generate_case(case_seed(seed, i), positive=i in positives, size=size, depth=depth)
-        image, mask = f"images/{case_id}.nii.gz", f"masks/{case_id}.nii.gz"
-        save_nifti(out / image, case.image, case.affine)
-        save_nifti(out / mask, case.mask, case.affine)
-        label = LABEL_NAMES[case.label]
-        rows.append((case_id, image, mask, label, case_id))
-        cases.append(
-            {"case_id": case_id, "label": label, "lesion_center_ras": case.lesion_center_ras, **case.meta}
-        )
-        del case
+    jobs = [(out, i, seed, i in positives, size, depth) for i in range(n)]
+    spawn = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=spawn) if workers > 0 else None
+    try:
+        done = (pool.map if pool else map)(_write_case, *zip(*jobs, strict=True))
+        results = list(tqdm(done, total=n, desc="synth", unit="case", disable=not progress))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    rows, cases = (list(x) for x in zip(*results, strict=True))
 
     args = {"n": n, "positive_fraction": positive_fraction, "size": size, "depth": depth, "seed": seed}
     with atomic_path(out / "cohort.json") as tmp:

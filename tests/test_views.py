@@ -1,0 +1,53 @@
+"""View options: projections restricted to a mask, and the error when the mask is missing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.config import PreprocessConfig
+from pipeline.io import VolumeError, read_volume, save_nifti
+
+
+def _scan_with_two_blobs(tmp_path):
+    """A 40^3 volume: a 'lung' mask box holding one bright blob, a second blob outside the mask."""
+    image = np.zeros((40, 40, 40), np.float32)
+    image[8:12, 8:12, 18:22] = 100.0  # inside the mask
+    image[28:32, 28:32, 18:22] = 100.0  # outside the mask
+    mask = np.zeros(image.shape, np.uint8)
+    mask[4:20, 4:20, 4:36] = 1
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    return (
+        read_volume(save_nifti(tmp_path / "img.nii.gz", image, affine)),
+        read_volume(save_nifti(tmp_path / "mask.nii.gz", mask, affine)),
+    )
+
+
+@pytest.mark.parametrize("within_mask", [False, True])
+def test_max_projection_within_mask_hides_what_lies_outside(tmp_path, within_mask):
+    from pipeline.preprocess.stage import preprocess_volume
+
+    image, mask = _scan_with_two_blobs(tmp_path)
+    cfg = PreprocessConfig(
+        spacing=(1.0, 1.0, 1.0),
+        shape=(40, 40, 40),
+        fit="pad",
+        crop_foreground=False,
+        intensity={"mode": "none"},
+        views={"mode": "max", "thickness": 100, "within_mask": within_mask},
+    )
+    axial = preprocess_volume(image, mask, cfg)[0]["views"][0, 0]
+    # Display: row = 39 - j, col = 39 - i, so the blob in the mask (i, j in 8..11) is drawn at
+    # rows/cols 28..31 and the one outside it (i, j in 28..31) at rows/cols 8..11.
+    assert axial[28:32, 28:32].max() == 100.0
+    assert axial[8:12, 8:12].max() == (0.0 if within_mask else 100.0)
+
+
+def test_within_mask_without_a_mask_is_a_clear_error(tmp_path):
+    from pipeline.preprocess.stage import preprocess_volume
+
+    image, _ = _scan_with_two_blobs(tmp_path)
+    cfg = PreprocessConfig(shape=(40, 40, 40), intensity={"mode": "none"}, views={"within_mask": True})
+    with pytest.raises(VolumeError, match=r"within_mask.*no mask") as err:
+        preprocess_volume(image, None, cfg)
+    assert "img.nii.gz" in str(err.value)
