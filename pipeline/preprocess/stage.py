@@ -126,7 +126,7 @@ def _work(payload: tuple[Case, Config, str, Path]) -> Row:
         "stats": stats,
     }
     save_entry(out, arrays, meta)
-    return Row(case.case_id, "ok", output=str(out))
+    return Row(case.case_id, "ok", output=str(out), extra={"stats": stats})
 
 
 def _case_hash(base: str, case: Case) -> str:
@@ -204,13 +204,14 @@ def run_preprocess(config: Config) -> Path:
         else:
             tasks.append(Task(case.case_id, (case, config, case_hash, entry)))
     pcfg = config.preprocess
-    run_cases(_work, tasks, ledger, workers=pcfg.workers, desc="preprocess", scheduler=pcfg.scheduler)
+    done = run_cases(_work, tasks, ledger, workers=pcfg.workers, desc="preprocess", scheduler=pcfg.scheduler)
     order = [c.case_id for c in case_set.cases]
     ledger.compact(order)
     rows = ledger.rows()
-    stats = {
-        cid: load_meta(row.output)["stats"] for cid, row in rows.items() if row.status in ("ok", "skipped")
-    }
+    stats = {row.case_id: row.extra["stats"] for row in done if row.status == "ok"}
+    for cid, row in rows.items():  # entries made by an earlier run: read their stats back
+        if row.status in ("ok", "skipped") and cid not in stats:
+            stats[cid] = load_meta(row.output)["stats"]
     _write_cases(out / "cases.csv", case_set, rows, out)
     _write_json(out / "params.json", params)
     _write_json(out / "fingerprint.json", fingerprint(case_set, rows, stats))
