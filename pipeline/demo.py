@@ -37,10 +37,10 @@ def demo_config(run: Path, quick: bool) -> Config:
             "preprocess.views.mode": "projections",
             "preprocess.views.within_mask": True,
             "preprocess.workers": 2,
-            "classify.epochs": 2 if quick else 15,
+            "classify.epochs": 2 if quick else 30,
             "classify.pool": "avgmax",  # a nodule is a small local finding: keep the max response
             "classify.batch_size": 16,
-            "segment.epochs": 1 if quick else 4,
+            "segment.epochs": 1 if quick else 6,
             "segment.size": 64 if quick else 96,
             "segment.slices_per_volume": 4 if quick else 6,
             "predict.classify": str(run / "new_scans" / "manifest.csv"),  # its lung masks feed the views
