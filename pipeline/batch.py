@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from pipeline.io import atomic_path
 
-__all__ = ["Ledger", "Row", "Task", "run_cases"]
+__all__ = ["Ledger", "ResultTable", "Row", "Task", "run_cases"]
 
 
 @dataclass
@@ -110,6 +110,42 @@ class Ledger:
             for cid in order:
                 if cid in latest:
                     writer.writerow(latest[cid].record())
+
+
+class ResultTable:
+    """A per-case results CSV kept beside a ledger (``predictions.csv``, ``volumes.csv``).
+
+    Rows are kept in input order and the file is rewritten atomically at most every
+    ``interval`` seconds while cases finish, and once at the end (``write``). A rerun treats a case as
+    done only if the ledger says ``ok`` *and* its row is in the table, so a row lost to a kill
+    between two rewrites just gets its case redone.
+    """
+
+    def __init__(self, path: str | Path, columns: Sequence[str], order: Sequence[str], interval: float = 2.0):
+        self.path, self.columns, self.order, self.interval = Path(path), tuple(columns), list(order), interval
+        self.rows: dict[str, dict[str, str]] = {}
+        self._written = 0.0
+
+    def resume(self, ledger: Ledger) -> set[str]:
+        """Load the rows of the cases a previous run finished; return their ids."""
+        finished = {cid for cid, row in ledger.rows().items() if row.status == "ok"}
+        if self.path.is_file():
+            with self.path.open(newline="", encoding="utf-8") as fh:
+                self.rows = {r["case_id"]: r for r in csv.DictReader(fh) if r["case_id"] in finished}
+        return set(self.rows)
+
+    def put(self, case_id: str, record: dict[str, str]) -> None:
+        """Add or replace a case's row; rewrite the file if the last rewrite is old enough."""
+        self.rows[case_id] = {"case_id": case_id, **record}
+        if time.monotonic() - self._written >= self.interval:
+            self.write()
+
+    def write(self) -> None:
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, self.columns, restval="", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows[cid] for cid in self.order if cid in self.rows)
+        self._written = time.monotonic()
 
 
 def _guarded(fn: Callable[[Any], Row], task: Task) -> Row:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipeline.batch import Ledger, Row, Task, run_cases
+from pipeline.batch import Ledger, ResultTable, Row, Task, run_cases
 from pipeline.config import load_config
 from pipeline.preprocess.stage import run_preprocess
 from pipeline.synth import write_cohort
@@ -102,3 +102,20 @@ def test_dask_workers_restarted_mid_run_then_rerun_finish_every_case_once(tmp_pa
     assert all(r["status"] == "skipped" for r in rows if r["case_id"] in done_first)
     assert all(r["status"] in ("ok", "skipped") for r in rows)
     assert not list((tmp_path / "run").rglob(".*tmp*"))
+
+
+def test_result_table_resumes_only_cases_finished_in_both_ledger_and_table(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.csv")
+    for cid, status in (("a", "ok"), ("b", "ok"), ("c", "error")):
+        ledger.append(Row(cid, status))
+    first = ResultTable(tmp_path / "results.csv", ("case_id", "value"), ["a", "b", "c", "d"], interval=3600)
+    first.put("a", {"value": "1"})  # the first put writes; "b" is lost to a kill before the next rewrite
+    first.put("b", {"value": "2"})
+    first.put("c", {"value": "error row"})
+    again = ResultTable(tmp_path / "results.csv", ("case_id", "value"), ["a", "b", "c", "d"])
+    assert again.resume(ledger) == {"a"}  # b: no row survived, so it is redone; c: failed, redone
+    again.put("d", {"value": "4"})
+    again.put("b", {"value": "2"})
+    again.write()
+    lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert lines == ["case_id,value", "a,1", "b,2", "d,4"]  # input order, one row per case

@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import time
@@ -26,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.batch import Ledger, Row, Task, run_cases
+from pipeline.batch import Ledger, ResultTable, Row, Task, run_cases
 from pipeline.config import IOConfig, PreprocessConfig
-from pipeline.io import atomic_path, remove_stale_temps
+from pipeline.io import remove_stale_temps
 from pipeline.manifest import Case, input_cases
 from pipeline.models import load_classifier
 from pipeline.preprocess.stage import preprocess_volume, read_case
@@ -75,14 +74,7 @@ def classify_case(payload: tuple[Path, Case]) -> Row:
 
 def _prediction_row(row: Row, image: str) -> dict[str, str]:
     reason = row.reason if not row.reason or image in row.reason else f"{image}: {row.reason}"
-    return {"case_id": row.case_id, "image": image, "status": row.status, **row.extra, "reason": reason}
-
-
-def _write(path: Path, rows: dict[str, dict[str, str]], order: list[str]) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, PREDICTION_COLUMNS, restval="")
-        writer.writeheader()
-        writer.writerows(rows[cid] for cid in order if cid in rows)
+    return {"image": image, "status": row.status, **row.extra, "reason": reason}
 
 
 def run_predict_classify(
@@ -97,30 +89,17 @@ def run_predict_classify(
     remove_stale_temps(out)
     cases = input_cases(Path(inputs))
     images = {c.case_id: str(c.image) for c in cases}
-    order = [c.case_id for c in cases]
-    path = out / "predictions.csv"
-    rows: dict[str, dict[str, str]] = {}
-    if path.is_file():
-        with path.open(newline="", encoding="utf-8") as fh:
-            rows = {
-                r["case_id"]: r
-                for r in csv.DictReader(fh)
-                if r.get("status") == "ok" and r["case_id"] in images
-            }
+    ledger = Ledger(out / "ledger.csv")
+    table = ResultTable(out / "predictions.csv", PREDICTION_COLUMNS, [c.case_id for c in cases])
+    done = table.resume(ledger)
 
     def record(row: Row) -> None:
-        rows[row.case_id] = _prediction_row(row, images[row.case_id])
-        _write(path, rows, order)
+        table.put(row.case_id, _prediction_row(row, images[row.case_id]))
 
-    tasks = [Task(c.case_id, (model_dir, c)) for c in cases if c.case_id not in rows]
+    tasks = [Task(c.case_id, (model_dir, c)) for c in cases if c.case_id not in done]
     run_cases(
-        classify_case,
-        tasks,
-        Ledger(out / "ledger.csv"),
-        workers=workers,
-        desc="classify",
-        on_row=record,
-        scheduler=scheduler,
+        classify_case, tasks, ledger, workers=workers, desc="classify", on_row=record, scheduler=scheduler
     )
-    _write(path, rows, order)
-    return path
+    ledger.compact(table.order)
+    table.write()
+    return table.path

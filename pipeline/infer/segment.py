@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import functools
 import time
 from collections.abc import MutableMapping
@@ -30,10 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.batch import Ledger, Row, Task, run_cases
+from pipeline.batch import Ledger, ResultTable, Row, Task, run_cases
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import SegmentConfig
-from pipeline.io import Volume, atomic_path, read_volume, remove_stale_temps, write_like
+from pipeline.io import Volume, read_volume, remove_stale_temps, write_like
 from pipeline.manifest import Case, input_cases
 from pipeline.models.lung_unet import build_lung_unet
 from pipeline.segment.postprocess import lung_volumes, postprocess
@@ -129,21 +128,7 @@ def predict_case(payload: tuple[Path, Case, Path]) -> Row:
 def _volume_row(row: Row) -> dict[str, str]:
     vols = row.extra or {}
     fmt = {k: f"{vols[k]:.3f}" if k in vols else "" for k in ("right_ml", "left_ml", "total_ml")}
-    return {"case_id": row.case_id, **fmt, "status": row.status, "reason": row.reason}
-
-
-def _read_volume_rows(path: Path) -> dict[str, dict[str, str]]:
-    if not path.is_file():
-        return {}
-    with path.open(newline="", encoding="utf-8") as fh:
-        return {r["case_id"]: r for r in csv.DictReader(fh) if r.get("reason") is not None}
-
-
-def _write_volume_rows(path: Path, rows: dict[str, dict[str, str]], order: list[str]) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, VOLUME_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows[cid] for cid in order if cid in rows)
+    return {**fmt, "status": row.status, "reason": row.reason}
 
 
 def run_predict_segment(
@@ -158,19 +143,16 @@ def run_predict_segment(
     remove_stale_temps(out)
     cases = input_cases(inputs)
     ledger = Ledger(out / "ledger.csv")
-    done = {cid for cid, row in ledger.rows().items() if row.status == "ok" and Path(row.output).is_file()}
-    volumes_csv = out / "volumes.csv"
-    volume_rows = {cid: r for cid, r in _read_volume_rows(volumes_csv).items() if cid in done}
-    order = [c.case_id for c in cases]
+    table = ResultTable(out / "volumes.csv", VOLUME_COLUMNS, [c.case_id for c in cases])
+    done = {cid for cid in table.resume(ledger) if (out / "masks" / f"{cid}.nii.gz").is_file()}
 
     def record(row: Row) -> None:
-        volume_rows[row.case_id] = _volume_row(row)
-        _write_volume_rows(volumes_csv, volume_rows, order)
+        table.put(row.case_id, _volume_row(row))
 
     tasks = [Task(c.case_id, (model_dir, c, out)) for c in cases if c.case_id not in done]
     run_cases(
         predict_case, tasks, ledger, workers=workers, desc="segment", on_row=record, scheduler=scheduler
     )
-    ledger.compact(order)
-    _write_volume_rows(volumes_csv, volume_rows, order)
+    ledger.compact(table.order)
+    table.write()
     return out
