@@ -18,17 +18,17 @@ __all__ = ["background_value", "foreground_threshold", "normalize"]
 CT_BODY_HU = -500.0
 
 
-def foreground_threshold(cfg: IntensityConfig, configured: float | None, minimum: float) -> float:
+def foreground_threshold(cfg: IntensityConfig, configured: float | None, array: np.ndarray) -> float:
     """The value above which a voxel is foreground: the configured one, else -500 HU for CT, else
-    anything above the volume's minimum (the MONAI CropForeground convention)."""
+    anything above the array's minimum (the MONAI CropForeground convention)."""
     if configured is not None:
         return configured
-    return CT_BODY_HU if cfg.mode == "ct" else minimum
+    return CT_BODY_HU if cfg.mode == "ct" else float(array.min())
 
 
-def background_value(cfg: IntensityConfig, minimum: float) -> float:
+def background_value(cfg: IntensityConfig, array: np.ndarray) -> float:
     """The raw value used to fill voxels outside the scan: the bottom of the CT window, else the minimum."""
-    return cfg.window[0] if cfg.mode == "ct" else minimum
+    return cfg.window[0] if cfg.mode == "ct" else float(array.min())
 
 
 def normalize(array: np.ndarray, cfg: IntensityConfig, foreground: np.ndarray | None = None) -> np.ndarray:
@@ -40,7 +40,10 @@ def normalize(array: np.ndarray, cfg: IntensityConfig, foreground: np.ndarray | 
     x = np.asarray(array, dtype=np.float32)
     if cfg.mode == "ct":
         lo, hi = cfg.window
-        return (np.clip(x, lo, hi) - lo) / np.float32(hi - lo)
+        scaled = np.clip(x, lo, hi)  # the one new array; the rest is done in place
+        scaled -= np.float32(lo)
+        scaled *= np.float32(1 / (hi - lo))
+        return scaled
     if cfg.mode == "mr":
         values = x[foreground] if foreground is not None and foreground.any() else x
         lo, hi = np.percentile(values, cfg.percentiles)

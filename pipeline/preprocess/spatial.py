@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from pipeline.config import PreprocessConfig
-from pipeline.io import LPS_TO_RAS, Volume
+from pipeline.io import LPS_TO_RAS, Volume, array_view
 
 __all__ = ["Grid", "foreground_box", "plan_grid", "resample"]
 
@@ -94,7 +94,7 @@ def plan_grid(volume: Volume, cfg: PreprocessConfig, threshold: float | None) ->
 
 
 def resample(image: sitk.Image, grid: Grid, *, linear: bool, fill: float) -> np.ndarray:
-    """Interpolate ``image`` onto ``grid``; return a (X, Y, Z) array in RAS index order."""
+    """Interpolate ``image`` onto ``grid``; return a read-only (X, Y, Z) array in RAS index order."""
     resampler = sitk.ResampleImageFilter()
     resampler.SetOutputOrigin((LPS_TO_RAS @ grid.origin).tolist())
     resampler.SetOutputSpacing(grid.spacing.tolist())
@@ -103,5 +103,4 @@ def resample(image: sitk.Image, grid: Grid, *, linear: bool, fill: float) -> np.
     resampler.SetInterpolator(sitk.sitkLinear if linear else sitk.sitkNearestNeighbor)
     resampler.SetDefaultPixelValue(fill)
     resampler.SetOutputPixelType(sitk.sitkFloat32 if linear else image.GetPixelID())
-    out = resampler.Execute(image)
-    return sitk.GetArrayFromImage(out).transpose(2, 1, 0)
+    return array_view(resampler.Execute(image))

@@ -45,10 +45,9 @@ def preprocess_volume(
         mask.shape != volume.shape or not np.allclose(mask.affine, volume.affine, atol=1e-3)
     ):
         raise VolumeError(mask.path, f"mask grid {mask.shape} does not match the image grid {volume.shape}")
-    minimum = float(volume.array.min())
-    threshold = foreground_threshold(cfg.intensity, cfg.foreground_threshold, minimum)
+    threshold = foreground_threshold(cfg.intensity, cfg.foreground_threshold, volume.array)
     grid = plan_grid(volume, cfg, threshold)
-    raw = resample(volume.image, grid, linear=True, fill=background_value(cfg.intensity, minimum))
+    raw = resample(volume.image, grid, linear=True, fill=background_value(cfg.intensity, volume.array))
     foreground = raw > threshold
     image = normalize(raw, cfg.intensity, foreground)
     labels = resample(mask.image, grid, linear=False, fill=0).astype(np.uint8) if mask is not None else None
