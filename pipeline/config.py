@@ -169,6 +169,7 @@ class SegmentConfig(Section):
     infer_batch: int = Field(4, ge=1)
     keep_components: int = Field(2, ge=1)
     max_hole_mm2: float = Field(2000.0, ge=0)
+    min_aerated: float = Field(0.5, ge=0, le=1)  # a kept component's fraction of voxels below -400 HU
     label_sides: bool = True
 
 

@@ -189,6 +189,21 @@ def test_postprocess_removes_outside_body_component_and_labels_sides():
     assert (labels[mask == RIGHT] == RIGHT).all() and (labels[mask == LEFT] == LEFT).all()
 
 
+def test_postprocess_drops_soft_tissue_component_larger_than_the_lungs():
+    affine = grid_affine(np.eye(3))
+    image, mask = phantom(affine)
+    planted = mask.copy()
+    wall = np.zeros(SHAPE, bool)
+    wall[5:59, 47:60] = True  # in front of the lungs, clear of them, larger than either
+    image[wall] = 40  # soft tissue
+    assert wall.sum() > max((mask == RIGHT).sum(), (mask == LEFT).sum()) and not (mask[:, 46:] > 0).any()
+    planted[wall] = 1
+    fooled = postprocess(planted, affine, image=image, min_aerated=0.0)
+    assert fooled[wall].all()  # without the guard the block is kept and a lung is lost
+    labels = postprocess(planted, affine, image=image)
+    assert np.array_equal(labels > 0, mask > 0)
+
+
 def test_postprocess_keeps_largest_components_and_splits_fused_lungs():
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     mask = np.zeros((40, 20, 10), np.uint8)

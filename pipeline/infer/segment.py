@@ -103,8 +103,10 @@ def segment_volume(
         from_canonical(lungs.transpose(1, 2, 0), affine),
         affine,
         from_canonical(prepared.body.transpose(1, 2, 0), affine),
+        image=volume.array,
         keep=s.keep_components,
         max_hole_mm2=s.max_hole_mm2,
+        min_aerated=s.min_aerated,
         label_sides=s.label_sides,
     )
     _tick(timings, "postprocess", start)

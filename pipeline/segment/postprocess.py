@@ -7,8 +7,12 @@ flip/transpose, never a resampling). Steps:
 1. drop every voxel outside the body mask (spurious blobs in the air, the table, the arms' air);
 2. fill holes slice by slice (vessels and nodules the net missed), but only holes smaller than
    ``max_hole_mm2`` so the mediastinum between two touching lungs is never filled;
-3. keep the ``keep`` largest 3D components (SimpleITK, multithreaded), all on the lungs' bounding box;
-4. optionally label the right lung 1 and the left lung 2: a component lying mostly on one side of
+3. with the scan's HU values given, drop every 3D component that is not mostly aerated (fewer than
+   ``min_aerated`` of its voxels below ``AERATED_HU``): the net's typical gross error on scans it
+   finds unfamiliar (a body cut by the field of view, an unusual rotation) is a blob of chest-wall
+   soft tissue, which no lung is;
+4. keep the ``keep`` largest 3D components (SimpleITK, multithreaded), all on the lungs' bounding box;
+5. optionally label the right lung 1 and the left lung 2: a component lying mostly on one side of
    the body's midline gets that side; one that straddles it (lungs fused at a junction line) is
    split along the midline.
 
@@ -33,6 +37,8 @@ from pipeline.segment.slices import from_canonical, to_canonical
 __all__ = ["LEFT", "RIGHT", "lung_volumes", "postprocess"]
 
 RIGHT, LEFT = 1, 2
+# Aerated lung is about -900 to -500 HU; fat, muscle and other soft tissue are above -150 HU.
+AERATED_HU = -400.0
 STRADDLE = 0.2  # a component with more than this fraction on each side of the midline is split
 
 
@@ -81,10 +87,22 @@ def _fill_small_holes(mask: np.ndarray, max_pixels: float) -> np.ndarray:
     return mask | holes.reshape(n, height + 1, width + 2)[:, 1:, 1:-1]
 
 
-def _largest_components(mask: np.ndarray, keep: int) -> np.ndarray:
-    """Labels 1..keep of the ``keep`` largest 3D components (face connectivity), largest first."""
-    image = sitk.GetImageFromArray(mask.view(np.uint8))
-    ranked = sitk.RelabelComponent(sitk.ConnectedComponent(image), sortByObjectSize=True)
+def _largest_components(
+    mask: np.ndarray, keep: int, aerated: np.ndarray | None = None, min_aerated: float = 0.0
+) -> np.ndarray:
+    """Labels 1..keep of the ``keep`` largest 3D components (face connectivity), largest first.
+
+    With ``aerated`` (a boolean array like ``mask``), components with fewer than ``min_aerated`` of
+    their voxels aerated are dropped first.
+    """
+    components = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.view(np.uint8)))
+    if aerated is not None and min_aerated > 0:
+        stats = sitk.LabelStatisticsImageFilter()
+        stats.Execute(sitk.GetImageFromArray(aerated.view(np.uint8)), components)
+        drop = {label: 0 for label in stats.GetLabels() if label and stats.GetMean(label) < min_aerated}
+        if drop:
+            components = sitk.ChangeLabel(components, changeMap=drop)
+    ranked = sitk.RelabelComponent(components, sortByObjectSize=True)
     labels = sitk.GetArrayFromImage(ranked)
     labels[labels > keep] = 0
     return labels.astype(np.uint8, copy=False)
@@ -116,14 +134,17 @@ def postprocess(
     affine: np.ndarray,
     body: np.ndarray | None = None,
     *,
+    image: np.ndarray | None = None,
     keep: int = 2,
     max_hole_mm2: float = 2000.0,
+    min_aerated: float = 0.5,
     label_sides: bool = True,
 ) -> np.ndarray:
     """Clean a binary (i, j, k) lung mask; return uint8 labels on the same grid (see module doc).
 
     ``body`` is a boolean (i, j, k) body mask; without it nothing is removed as outside the body and
-    the midline is the middle of the lungs' bounding box. With ``label_sides=False`` lungs are 1.
+    the midline is the middle of the lungs' bounding box. ``image`` is the scan in HU on the same
+    grid; without it no component is dropped as not aerated. With ``label_sides=False`` lungs are 1.
     """
     mask = np.asarray(mask)
     stack = _canonical_stack(mask if mask.dtype == bool else mask > 0, affine)
@@ -135,7 +156,8 @@ def postprocess(
         if body_stack is not None:
             crop &= body_stack[box]
         crop = _fill_small_holes(crop, max_hole_mm2 / _pixel_area(affine))
-        labels = _largest_components(crop, keep)
+        aerated = None if image is None else _canonical_stack(np.asarray(image), affine)[box] < AERATED_HU
+        labels = _largest_components(crop, keep, aerated, min_aerated)
         if label_sides:
             if body_stack is not None:
                 per_column = body_stack.sum(axis=(0, 2), dtype=np.int64)
