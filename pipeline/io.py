@@ -30,6 +30,7 @@ import SimpleITK as sitk
 from pipeline import file_checks
 from pipeline.errors import VolumeError
 from pipeline.nifti_gzip import gzip_bytes, read_plain_nifti_gz
+from pipeline.sitk_buffer import array_view
 
 __all__ = [
     "DEFAULT_MAX_VOXELS",
@@ -37,7 +38,6 @@ __all__ = [
     "Header",
     "Volume",
     "VolumeError",
-    "array_view",
     "atomic_path",
     "is_nifti",
     "read_header",
@@ -89,23 +89,6 @@ def sitk_affine(image: sitk.Image) -> np.ndarray:
     affine[:3, :3] = LPS_TO_RAS @ direction @ np.diag(image.GetSpacing())
     affine[:3, 3] = LPS_TO_RAS @ np.asarray(image.GetOrigin(), dtype=float)
     return affine
-
-
-class _ImageBuffer:
-    """The voxel memory of a SimpleITK image, as an array base that holds a reference to the image.
-
-    A bare ``sitk.GetArrayViewFromImage`` view does not keep its image alive, so a view of a
-    temporary (``read_volume(p).array``) would read freed memory.
-    """
-
-    def __init__(self, image: sitk.Image) -> None:
-        self.image = image
-        self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
-
-
-def array_view(image: sitk.Image) -> np.ndarray:
-    """A read-only (i, j, k) view of a SimpleITK image's voxels (no copy); it keeps the image alive."""
-    return np.asarray(_ImageBuffer(image)).transpose(2, 1, 0)
 
 
 @dataclass
@@ -262,10 +245,9 @@ def _read_nifti_gz(path: Path, header: Header) -> sitk.Image | None:
     """A plain 3D .nii.gz read through the ISA-L fast path, on SimpleITK's geometry; else None."""
     if header.dimension != 3 or header.dicom_files or not file_checks.is_gzip(path):
         return None
-    voxels = read_plain_nifti_gz(path, header.pixel_type)
-    if voxels is None:
+    image = read_plain_nifti_gz(path, header.pixel_type)
+    if image is None:
         return None
-    image = sitk.GetImageFromArray(voxels)
     image.SetOrigin(header.origin)
     image.SetSpacing(header.spacing)
     image.SetDirection(header.direction)

@@ -14,6 +14,8 @@ kept for the caller to judge.
 from __future__ import annotations
 
 import io
+import queue
+import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -22,8 +24,11 @@ import SimpleITK as sitk
 from isal import igzip, isal_zlib
 
 from pipeline.errors import VolumeError
+from pipeline.sitk_buffer import writable_bytes
 
 __all__ = ["gzip_bytes", "read_plain_nifti_gz"]
+
+CHUNK = 1 << 21  # compressed bytes inflated per step
 
 # The NIfTI voxel types SimpleITK reads without conversion, as the pixel types it reports for them.
 PIXEL_IDS = {
@@ -59,28 +64,88 @@ def _plain_header(raw: bytes) -> nib.Nifti1Header | None:
     return header
 
 
-def read_plain_nifti_gz(path: Path, pixel_type: str) -> np.ndarray | None:
-    """The voxels of a .nii.gz as a (k, j, i) array, or None if the fast path does not apply.
+def _inflate(compressed: memoryview, out: queue.SimpleQueue, stop: threading.Event) -> None:
+    """Inflate every gzip member of ``compressed``, chunk by chunk, into ``out``; then put None, or
+    the exception that stopped it (EOFError for a stream cut short)."""
+    try:
+        decoder = isal_zlib.decompressobj(wbits=31)
+        for start in range(0, len(compressed), CHUNK):
+            if stop.is_set():
+                break
+            chunk: bytes | memoryview = compressed[start : start + CHUNK]
+            while len(chunk):
+                out.put(decoder.decompress(chunk))
+                chunk = decoder.unused_data if decoder.eof else b""
+                if len(chunk):  # a further member (concatenated gzip files are legal)
+                    decoder = isal_zlib.decompressobj(wbits=31)
+        else:
+            if not decoder.eof:
+                raise EOFError("the stream ends before its end marker")
+    except Exception as exc:  # handed to the reading thread, which raises it
+        out.put(exc)
+    out.put(None)
+
+
+class _Chunks:
+    """The inflated chunks of a .nii.gz file, produced by a background thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.stop = threading.Event()
+        self.worker = threading.Thread(
+            target=_inflate, args=(memoryview(path.read_bytes()), self.queue, self.stop), daemon=True
+        )
+        self.worker.start()
+
+    def next(self) -> bytes | None:
+        """The next inflated chunk, or None at the end; raises VolumeError for a bad stream."""
+        item = self.queue.get()
+        if isinstance(item, EOFError):
+            raise VolumeError(self.path, f"truncated gzip data ({item})") from item
+        if isinstance(item, Exception):
+            raise VolumeError(self.path, f"corrupt gzip data ({item})") from item
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.worker.join()
+
+
+def read_plain_nifti_gz(path: Path, pixel_type: str) -> sitk.Image | None:
+    """The voxels of a .nii.gz as a SimpleITK image without geometry, or None if the fast path does
+    not apply.
 
     ``pixel_type`` is the SimpleITK pixel type that SimpleITK's header read reported; the fast path
-    applies only when the stored voxel type is that type. Raises VolumeError for a corrupt or
-    truncated gzip stream, or for too few voxel bytes.
+    applies only when the stored voxel type is that type. A background thread inflates the stream in
+    chunks while this one allocates the image and copies each chunk into it, so the copy costs no
+    extra time. Raises VolumeError for a corrupt or truncated gzip stream, or too few voxel bytes.
     """
+    chunks = _Chunks(path)
     try:
-        raw = igzip.decompress(path.read_bytes())
-    except EOFError as exc:
-        raise VolumeError(path, f"truncated gzip data ({exc})") from exc
-    except (isal_zlib.error, OSError) as exc:
-        raise VolumeError(path, f"corrupt gzip data ({exc})") from exc
-    header = _plain_header(raw)
-    if header is None:
-        return None
-    dtype = header.get_data_dtype().newbyteorder("=")
-    if sitk.GetPixelIDValueAsString(PIXEL_IDS[dtype]) != pixel_type:
-        return None
-    shape = tuple(int(n) for n in header.get_data_shape())
-    offset, count = int(header["vox_offset"]), int(np.prod(shape, dtype=np.int64))
-    needed = offset + count * dtype.itemsize
-    if len(raw) < needed:
-        raise VolumeError(path, f"truncated data ({len(raw):,} of {needed:,} bytes)")
-    return np.frombuffer(raw, dtype, count=count, offset=offset).reshape(shape[::-1])
+        head = b""
+        while len(head) < 348 and (chunk := chunks.next()) is not None:
+            head += chunk
+        header = _plain_header(head)
+        if header is None:
+            return None
+        dtype = header.get_data_dtype().newbyteorder("=")
+        if sitk.GetPixelIDValueAsString(PIXEL_IDS[dtype]) != pixel_type:
+            return None
+        size = [int(n) for n in header.get_data_shape()]
+        offset, needed = int(header["vox_offset"]), int(np.prod(size, dtype=np.int64)) * dtype.itemsize
+        image = sitk.Image(size, PIXEL_IDS[dtype])
+        target, skip, filled = writable_bytes(image), offset, 0
+        chunk = head
+        while chunk is not None:
+            data = np.frombuffer(chunk, np.uint8)[skip:]
+            skip -= min(skip, len(chunk))
+            take = min(len(data), needed - filled)
+            target[filled : filled + take] = data[:take]
+            filled += take
+            chunk = chunks.next()
+    finally:
+        chunks.close()
+    if filled < needed:
+        raise VolumeError(path, f"truncated data ({offset + filled:,} of {offset + needed:,} bytes)")
+    return image

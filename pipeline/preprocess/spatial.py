@@ -20,7 +20,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from pipeline.config import PreprocessConfig
-from pipeline.io import LPS_TO_RAS, Volume, array_view
+from pipeline.io import LPS_TO_RAS, Volume
+from pipeline.sitk_buffer import array_view
 
 __all__ = ["Grid", "foreground_box", "plan_grid", "resample"]
 
