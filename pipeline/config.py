@@ -96,7 +96,8 @@ class PreprocessConfig(Section):
     margin_mm: float = Field(5.0, ge=0)
     intensity: IntensityConfig = IntensityConfig()
     views: ViewsConfig = ViewsConfig()
-    cache_volume: bool = True
+    # Also cache the whole preprocessed volume (float16), which only the 3D CNN baseline reads.
+    cache_volume: bool = False
     workers: int = Field(0, ge=0)
     scheduler: str | None = None  # a Dask scheduler address, e.g. tcp://host:8786
 

@@ -119,6 +119,7 @@ def test_ras_and_lps_copies_of_one_scan_give_identical_views(tmp_path):
         fit="pad",
         crop_foreground=False,
         intensity={"mode": "none"},
+        cache_volume=True,
     )
     a, _ = preprocess_volume(read_volume(save_nifti(tmp_path / "ras.nii.gz", ras, affine_ras)), None, cfg)
     b, _ = preprocess_volume(read_volume(save_nifti(tmp_path / "lps.nii.gz", lps, affine_lps)), None, cfg)

@@ -21,7 +21,11 @@ from pipeline.preprocess.cache import VIEW_NAMES, load_entry
 from pipeline.preprocess.stage import run_preprocess
 from pipeline.synth import write_cohort
 
-SMALL = {"preprocess.shape": [48, 48, 48], "preprocess.spacing": [4.0, 4.0, 4.0]}
+SMALL = {
+    "preprocess.shape": [48, 48, 48],
+    "preprocess.spacing": [4.0, 4.0, 4.0],
+    "preprocess.cache_volume": True,
+}
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,8 @@ class CaseDataset(Dataset):
 def model_input(arrays: dict[str, np.ndarray], key: str) -> np.ndarray:
     """The array a model takes from one cache entry: views (V, C, H, W) or volume (1, X, Y, Z)."""
     if key not in arrays:
-        raise KeyError(f"the cache entry has no {key!r} array (preprocess.cache_volume off?)")
+        hint = " (set preprocess.cache_volume: true and rerun preprocess)" if key == "volume" else ""
+        raise KeyError(f"the cache entry has no {key!r} array{hint}")
     array = arrays[key].astype(np.float32)
     return array[None] if key == "volume" else array
 
