@@ -37,7 +37,7 @@ def test_adrenalmnist3d_end_to_end(shared_data, tmp_path):
     }
     case = next(r for r in _rows(out / "cases.csv") if r["case_id"] == "adrenalmnist3d_train_0002")
     arrays, _ = load_entry(out / case["cache"])
-    assert arrays["views"].shape == (3, 5, 28, 28)
+    assert arrays["views"].shape == (3, 28, 28, 28)
     # The grid is kept (pad at native spacing, no crop): the volume is the input scaled to [0, 1].
     import nibabel as nib
 
