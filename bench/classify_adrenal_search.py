@@ -56,6 +56,7 @@ CANDIDATES: dict[str, tuple[str, int, dict[str, Any]]] = {
         {"classify.pool": "avgmax", "classify.flip_axes": [0, 1, 2], "classify.ema_decay": 0.99},
     ),
     "slab28_flips_avg": ("slab", 28, {"classify.flip_axes": [0, 1, 2]}),
+    "slab11_flips": ("slab", 11, {"classify.pool": "avgmax", "classify.flip_axes": [0, 1, 2]}),
 }
 
 
