@@ -83,8 +83,8 @@ def _size(data: Path) -> int:
     return int(nib.load(first).shape[0])
 
 
-def train_and_test(config: Config, prep: Path) -> dict[str, float]:
-    """Train one configuration on the shared preprocessing; the test metrics and wall time."""
+def train_and_evaluate(config: Config, prep: Path) -> tuple[dict[str, Any], float]:
+    """Train one configuration on the shared preprocessing; its metrics.json and training seconds."""
     run = config.run_dir
     run.mkdir(parents=True, exist_ok=True)
     if not (run / "preprocess").exists():
@@ -92,7 +92,13 @@ def train_and_test(config: Config, prep: Path) -> dict[str, float]:
     start = time.perf_counter()
     run_train_classify(config, progress=False)
     seconds = time.perf_counter() - start
-    test = json.loads(run_evaluate_classify(config).read_text())["test"]
+    return json.loads(run_evaluate_classify(config).read_text()), seconds
+
+
+def train_and_test(config: Config, prep: Path) -> dict[str, float]:
+    """Train one configuration on the shared preprocessing; the test metrics and wall time."""
+    metrics, seconds = train_and_evaluate(config, prep)
+    test = metrics["test"]
     at, half = test["at_val_threshold"], test["at_0.5"]
     return {
         "auc": at["auc"]["value"],

@@ -1,8 +1,9 @@
 """Model selection for ``bench/classify_adrenal.py``, on the validation split only.
 
 Trains each named candidate configuration (overrides on top of the benchmark's ``BEST``) and prints
-the validation AUC and balanced accuracy of its best checkpoint, averaged over ``--seeds``. The test
-split is never evaluated here, so the choice written into ``BEST`` cannot leak test information.
+the validation AUC and balanced accuracy of its best checkpoint, averaged over ``--seeds``. The evaluate
+stage also scores test into each run's metrics.json; this script uses only its validation part, so
+the choice written into ``BEST`` sees no test data.
 
 Usage:
     python bench/classify_adrenal_search.py --candidates avgmax slab28 --seeds 0 1
@@ -12,23 +13,19 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from classify_adrenal import BEST, DATA, make_config
+from classify_adrenal import BEST, DATA, make_config, train_and_evaluate
 
 from pipeline.config import Config
-from pipeline.evaluate.classification import run_evaluate_classify
 from pipeline.preprocess.stage import run_preprocess
-from pipeline.train.classify import run_train_classify
 
 # name -> (view mode, slab thickness, overrides)
 CANDIDATES: dict[str, tuple[str, int, dict[str, Any]]] = {
@@ -62,14 +59,8 @@ CANDIDATES: dict[str, tuple[str, int, dict[str, Any]]] = {
 
 def validate(config: Config, prep: Path) -> dict[str, float]:
     """Train one configuration; the validation metrics of its best checkpoint and the wall time."""
-    run = config.run_dir
-    run.mkdir(parents=True, exist_ok=True)
-    if not (run / "preprocess").exists():
-        (run / "preprocess").symlink_to(prep, target_is_directory=True)
-    start = time.perf_counter()
-    run_train_classify(config, progress=False)
-    seconds = time.perf_counter() - start
-    val = json.loads(run_evaluate_classify(config).read_text())["val"]
+    metrics, seconds = train_and_evaluate(config, prep)
+    val = metrics["val"]
     return {"auc": val["auc"], "bacc": val["balanced_accuracy"], "seconds": seconds}
 
 
