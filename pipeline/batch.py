@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from pipeline.io import atomic_path
 
-__all__ = ["Ledger", "ResultTable", "Row", "Task", "run_cases"]
+__all__ = ["Ledger", "ResultTable", "Row", "Task", "run_cases", "run_into_table"]
 
 
 @dataclass
@@ -212,6 +212,36 @@ def run_cases(
                     row = Row(task.case_id, "error", f"worker failed: {type(exc).__name__}: {exc}")
                 finish(row)
     return rows
+
+
+def run_into_table(
+    fn: Callable[[Any], Row],
+    payloads: dict[str, Any],
+    table: ResultTable,
+    to_record: Callable[[Row], dict[str, str]],
+    ledger_path: Path,
+    *,
+    desc: str,
+    workers: int = 0,
+    scheduler: str | None = None,
+    finished: Callable[[str], bool] | None = None,
+) -> None:
+    """Run ``fn`` on every case (``payloads``: case id → payload) a previous run did not finish, and
+    keep the ledger and ``table`` (one record per case, by ``to_record``) in input order.
+
+    A case counts as finished if the ledger says ok, its row is in the table and ``finished(case_id)``
+    (for example: its output file exists).
+    """
+    ledger = Ledger(ledger_path)
+    done = {cid for cid in table.resume(ledger) if finished is None or finished(cid)}
+    tasks = [Task(cid, payload) for cid, payload in payloads.items() if cid not in done]
+
+    def record(row: Row) -> None:
+        table.put(row.case_id, to_record(row))
+
+    run_cases(fn, tasks, ledger, workers=workers, desc=desc, on_row=record, scheduler=scheduler)
+    ledger.compact(table.order)
+    table.write()
 
 
 def _run_on_dask(

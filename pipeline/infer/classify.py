@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.batch import Ledger, ResultTable, Row, Task, run_cases
+from pipeline.batch import ResultTable, Row, run_into_table
 from pipeline.config import IOConfig, PreprocessConfig
 from pipeline.io import remove_stale_temps
 from pipeline.manifest import Case, input_cases
@@ -89,17 +89,15 @@ def run_predict_classify(
     remove_stale_temps(out)
     cases = input_cases(Path(inputs))
     images = {c.case_id: str(c.image) for c in cases}
-    ledger = Ledger(out / "ledger.csv")
     table = ResultTable(out / "predictions.csv", PREDICTION_COLUMNS, [c.case_id for c in cases])
-    done = table.resume(ledger)
-
-    def record(row: Row) -> None:
-        table.put(row.case_id, _prediction_row(row, images[row.case_id]))
-
-    tasks = [Task(c.case_id, (model_dir, c)) for c in cases if c.case_id not in done]
-    run_cases(
-        classify_case, tasks, ledger, workers=workers, desc="classify", on_row=record, scheduler=scheduler
+    run_into_table(
+        classify_case,
+        {c.case_id: (model_dir, c) for c in cases},
+        table,
+        lambda row: _prediction_row(row, images[row.case_id]),
+        out / "ledger.csv",
+        desc="classify",
+        workers=workers,
+        scheduler=scheduler,
     )
-    ledger.compact(table.order)
-    table.write()
     return table.path

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.batch import Ledger, ResultTable, Row, Task, run_cases
+from pipeline.batch import ResultTable, Row, run_into_table
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import SegmentConfig
 from pipeline.io import Volume, read_volume, remove_stale_temps, write_like
@@ -144,17 +144,16 @@ def run_predict_segment(
     load_segmenter(model_dir)  # fail early on a missing or broken checkpoint
     remove_stale_temps(out)
     cases = input_cases(inputs)
-    ledger = Ledger(out / "ledger.csv")
     table = ResultTable(out / "volumes.csv", VOLUME_COLUMNS, [c.case_id for c in cases])
-    done = {cid for cid in table.resume(ledger) if (out / "masks" / f"{cid}.nii.gz").is_file()}
-
-    def record(row: Row) -> None:
-        table.put(row.case_id, _volume_row(row))
-
-    tasks = [Task(c.case_id, (model_dir, c, out)) for c in cases if c.case_id not in done]
-    run_cases(
-        predict_case, tasks, ledger, workers=workers, desc="segment", on_row=record, scheduler=scheduler
+    run_into_table(
+        predict_case,
+        {c.case_id: (model_dir, c, out) for c in cases},
+        table,
+        _volume_row,
+        out / "ledger.csv",
+        desc="segment",
+        workers=workers,
+        scheduler=scheduler,
+        finished=lambda cid: (out / "masks" / f"{cid}.nii.gz").is_file(),
     )
-    ledger.compact(table.order)
-    table.write()
     return out
