@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -49,15 +48,14 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
             },
         }
     )
-    start = time.perf_counter()
-    out = run_train_segment(config)
-    train_s = time.perf_counter() - start
+    out = run_train_segment(config) if not args.evaluate_only else config.run_dir / "segment"
     run_evaluate_segment(config)
     with (out / "per_case.csv").open(newline="", encoding="utf-8") as fh:
         rows = sorted(csv.DictReader(fh), key=lambda r: float(r["dice"]))
     dice = np.array([float(r["dice"]) for r in rows])
     with (out / "history.csv").open(newline="", encoding="utf-8") as fh:
-        epochs = sum(1 for _ in csv.DictReader(fh))
+        history = list(csv.DictReader(fh))
+    epochs, train_s = len(history), sum(float(r["seconds"]) for r in history)
     return {
         "seed": seed,
         "train_minutes": train_s / 60,
@@ -84,6 +82,12 @@ def main() -> None:
         "--ema-decay", type=float, default=None, help="validate and keep an EMA of the weights"
     )
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="re-evaluate the nets already in --work (after a post-processing change); the training "
+        "time is then the sum of the epoch times in history.csv",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
