@@ -60,11 +60,14 @@ class DataConfig(Section):
 
 
 class IntensityConfig(Section):
-    """Intensity handling: CT window, MR percentile + z-score, min-max, or none."""
+    """Intensity handling: CT window, MR percentile + z-score, min-max, or none; then optional smoothing."""
 
     mode: Literal["ct", "mr", "minmax", "none"] = "ct"
     window: tuple[float, float] = (-1024.0, 600.0)
     percentiles: tuple[float, float] = (0.5, 99.5)
+    # Gaussian sigma in mm applied after normalising (0: off). For binary shape masks a soft edge
+    # lets the CNN see sub-voxel shape, such as a gland's thickness, that a 0/1 staircase hides.
+    smooth_mm: float = Field(0.0, ge=0)
 
 
 class ViewsConfig(Section):

@@ -1,4 +1,5 @@
-"""Intensity normalisation: CT window, MR percentile clip + z-score, min-max, or none.
+"""Intensity normalisation (CT window, MR percentile clip + z-score, min-max, or none), then an
+optional Gaussian smoothing with its sigma in mm.
 
 Example:
     >>> import numpy as np
@@ -9,10 +10,11 @@ Example:
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from pipeline.config import IntensityConfig
 
-__all__ = ["background_value", "foreground_threshold", "normalize"]
+__all__ = ["background_value", "foreground_threshold", "normalize", "smooth"]
 
 # Air/body boundary in HU: well above air (-1000) and lung (-850), below fat (-100).
 CT_BODY_HU = -500.0
@@ -54,3 +56,11 @@ def normalize(array: np.ndarray, cfg: IntensityConfig, foreground: np.ndarray | 
         lo, hi = float(x.min()), float(x.max())
         return (x - lo) / np.float32(max(hi - lo, 1e-6))
     return x
+
+
+def smooth(image: np.ndarray, sigma_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """Gaussian smoothing with a sigma given in mm on a grid of ``spacing`` mm (unchanged if 0)."""
+    if sigma_mm <= 0:
+        return image
+    sigma = [sigma_mm / float(s) for s in spacing]
+    return ndimage.gaussian_filter(image, sigma, mode="nearest").astype(np.float32, copy=False)

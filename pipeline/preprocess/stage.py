@@ -27,7 +27,7 @@ from pipeline.io import Volume, VolumeError, atomic_path, read_volume, remove_st
 from pipeline.manifest import Case, CaseSet, assign_splits, discover_folder, read_manifest
 from pipeline.preprocess.cache import load_meta, save_entry, valid_entry
 from pipeline.preprocess.fingerprint import fingerprint
-from pipeline.preprocess.intensity import background_value, foreground_threshold, normalize
+from pipeline.preprocess.intensity import background_value, foreground_threshold, normalize, smooth
 from pipeline.preprocess.spatial import plan_grid, resample
 from pipeline.preprocess.views import center_index, extract_views
 
@@ -49,7 +49,7 @@ def preprocess_volume(
     grid = plan_grid(volume, cfg, threshold)
     raw = resample(volume.image, grid, linear=True, fill=background_value(cfg.intensity, volume.array))
     foreground = raw > threshold
-    image = normalize(raw, cfg.intensity, foreground)
+    image = smooth(normalize(raw, cfg.intensity, foreground), cfg.intensity.smooth_mm, grid.spacing)
     labels = resample(mask.image, grid, linear=False, fill=0).astype(np.uint8) if mask is not None else None
 
     vcfg = cfg.views
