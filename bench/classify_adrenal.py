@@ -49,6 +49,7 @@ PUBLISHED = [  # MedMNIST v2, AdrenalMNIST3D test split (AUC, ACC)
 # all three axes (0.898); EMA weights, avg-only pooling, a wider encoder and projections did not help.
 # At 64³ the central 11 slices beat all 64 on validation (0.889 vs 0.876, seed 0): run --thickness 11.
 BEST: dict[str, Any] = {
+    "preprocess.intensity.smooth_mm": 1.8,
     "classify.model": "cnn_lstm",
     "classify.epochs": 40,
     "classify.features": 16,
@@ -58,17 +59,21 @@ BEST: dict[str, Any] = {
 }
 
 
+CONFIG = Path(__file__).resolve().parents[1] / "data_manifests" / "adrenalmnist3d.yaml"
+
+
 def make_config(data: Path, run: Path, thickness: int, mode: str, **overrides: Any) -> Config:
-    """The preprocessing for binary shape masks (min-max, no crop, native grid) plus overrides."""
+    """The shipped AdrenalMNIST3D config (native grid, min-max, no crop) on ``data``, plus overrides.
+
+    The preprocessing comes from the YAML file because a ``None`` override means "not given": the
+    native grid (``spacing: null``) can only be asked for in a file.
+    """
     return load_config(
-        None,
+        CONFIG,
         **{
             "run": str(run),
             "data.manifest": str(data / "manifest.csv"),
-            "preprocess.spacing": None,
             "preprocess.shape": [_size(data)] * 3,
-            "preprocess.crop_foreground": False,
-            "preprocess.intensity.mode": "minmax",
             "preprocess.views.mode": mode,
             "preprocess.views.thickness": thickness,
             **overrides,

@@ -46,7 +46,11 @@ CANDIDATES: dict[str, tuple[str, int, dict[str, Any]]] = {
     "cnn3d": ("slab", 7, {"classify.model": "cnn3d", "classify.pool": "avgmax"}),
     "slab28_avg": ("slab", 28, {}),
     "slab28_ema": ("slab", 28, {"classify.pool": "avgmax", "classify.ema_decay": 0.99}),
-    "slab28_flips": ("slab", 28, {"classify.pool": "avgmax", "classify.flip_axes": [0, 1, 2]}),
+    "slab28_flips": (
+        "slab",
+        28,
+        {"classify.pool": "avgmax", "classify.flip_axes": [0, 1, 2], "preprocess.intensity.smooth_mm": 0.0},
+    ),
     "slab28_flips_ema": (
         "slab",
         28,
@@ -54,6 +58,15 @@ CANDIDATES: dict[str, tuple[str, int, dict[str, Any]]] = {
     ),
     "slab28_flips_avg": ("slab", 28, {"classify.flip_axes": [0, 1, 2]}),
     "slab11_flips": ("slab", 11, {"classify.pool": "avgmax", "classify.flip_axes": [0, 1, 2]}),
+    # On the native grid (the shipped config) the 0/1 staircase of a mask hides the gland's thickness,
+    # the feature that separates the classes (mean distance to the surface: val AUC 0.85 on its own).
+    # Earlier rows were run by a make_config that resampled to 1.5 mm and back, which softened edges;
+    # slab28_flips is now the native-grid baseline.
+    "noscale": ("slab", 28, {"classify.scale": 0.0, "preprocess.intensity.smooth_mm": 0.0}),
+    "smooth1.1": ("slab", 28, {"preprocess.intensity.smooth_mm": 1.1}),
+    "smooth1.8": ("slab", 28, {}),  # BEST
+    "smooth2.7": ("slab", 28, {"preprocess.intensity.smooth_mm": 2.7}),
+    "smooth1.8_ens3": ("slab", 28, {"classify.members": 3}),
 }
 
 
@@ -86,12 +99,14 @@ def main(argv: list[str] | None = None) -> None:
     print("| candidate | val AUC | val balanced ACC | s per run |\n|---|---|---|---|", flush=True)
     for name in args.candidates:
         mode, thickness, overrides = CANDIDATES[name]
+        prep_overrides = {k: v for k, v in overrides.items() if k.startswith("preprocess.")}
+        tag = "_".join(f"{k.rsplit('.', 1)[1]}{v}" for k, v in prep_overrides.items())
         prep_cfg = make_config(
             args.data,
-            out / f"prep_{mode}{thickness}",
+            out / f"prep_{mode}{thickness}{'_' + tag if tag else ''}",
             thickness,
             mode,
-            **{**BEST, "preprocess.cache_volume": True},
+            **{**BEST, **prep_overrides},
         )
         prep = run_preprocess(prep_cfg).resolve()
         results = [
