@@ -143,16 +143,12 @@ def test_adrenalmnist3d_smoke(tmp_path):
     if not (data / "manifest.csv").is_file():
         pytest.skip(f"AdrenalMNIST3D not found: {data}")
     torch.set_num_threads(2)
-    config = load_config(
-        None,
+    config = load_config(  # the shipped config (native grid, smoothed masks), made small and short
+        Path(__file__).resolve().parents[1] / "data_manifests" / "adrenalmnist3d.yaml",
         **{
             "run": str(tmp_path / "run"),
             "data.manifest": str(data / "manifest.csv"),
-            "preprocess.spacing": None,
-            "preprocess.shape": [28, 28, 28],
-            "preprocess.crop_foreground": False,
-            "preprocess.intensity.mode": "minmax",
-            "preprocess.views.mode": "slab",
+            "preprocess.cache_volume": False,
             "preprocess.views.thickness": 5,
             "classify.epochs": 3,
             "classify.features": 8,

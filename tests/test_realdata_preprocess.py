@@ -38,11 +38,15 @@ def test_adrenalmnist3d_end_to_end(shared_data, tmp_path):
     case = next(r for r in _rows(out / "cases.csv") if r["case_id"] == "adrenalmnist3d_train_0002")
     arrays, _ = load_entry(out / case["cache"])
     assert arrays["views"].shape == (3, 28, 28, 28)
-    # The grid is kept (pad at native spacing, no crop): the volume is the input scaled to [0, 1].
+    # The grid is kept (pad at native spacing, no crop): the volume is the input scaled to [0, 1],
+    # then smoothed by the config's Gaussian (sigma in mm over the 2.2857 mm voxels).
     import nibabel as nib
+    from scipy import ndimage
 
-    source = nib.as_closest_canonical(nib.load(case["image"])).get_fdata() / 255.0
-    np.testing.assert_array_equal(arrays["volume"].astype(np.float64), source)
+    image = nib.as_closest_canonical(nib.load(case["image"]))
+    sigma = config.preprocess.intensity.smooth_mm / np.array(image.header.get_zooms()[:3])
+    expected = ndimage.gaussian_filter(image.get_fdata() / 255.0, sigma, mode="nearest")
+    np.testing.assert_allclose(arrays["volume"].astype(np.float64), expected, atol=1e-3)  # float16
 
 
 def test_kmader_lung2d_slices_end_to_end(shared_data, tmp_path):
