@@ -9,11 +9,12 @@ Goals (issue 4): mean ≥ 0.988, median ≥ 0.991, worst slice ≥ 0.95 in every
 per seed on 2 cores.
 
 Defaults are the chosen configuration (selected on the val split only): the default 8-wide UNet at
-256² with soft masks, 40 epochs of cosine schedule run to the end (no early stopping; the best
-val epoch is kept), no EMA.
+256² with soft masks, 80 epochs of cosine schedule run to the end (no early stopping; the best
+val epoch is kept), no EMA. 80 epochs beat 40 on val (seed 0: best val Dice 0.9870 vs 0.9858) and
+take about 8.5 s each on 2 quiet cores, so about 11 min.
 
 Usage:
-    python bench/lungseg_quality.py [--seeds 0 1 2] [--epochs 40] [--size 256] [--threads 2]
+    python bench/lungseg_quality.py [--seeds 0 1 2] [--epochs 80] [--size 256] [--threads 2]
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def main() -> None:
     parser.add_argument("--manifest", type=Path, default=DATA)
     parser.add_argument("--work", type=Path, default=Path("runs/bench_lungseg_quality"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=80)
     parser.add_argument("--patience", type=int, default=None, help="early stopping (default: none)")
     parser.add_argument(
         "--ema-decay", type=float, default=None, help="validate and keep an EMA of the weights"
