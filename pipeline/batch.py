@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import math
 import multiprocessing
 import os
 import time
@@ -124,7 +125,7 @@ class ResultTable:
     def __init__(self, path: str | Path, columns: Sequence[str], order: Sequence[str], interval: float = 2.0):
         self.path, self.columns, self.order, self.interval = Path(path), tuple(columns), list(order), interval
         self.rows: dict[str, dict[str, str]] = {}
-        self._written = 0.0
+        self._written = -math.inf  # the first put writes, however young the monotonic clock is
 
     def resume(self, ledger: Ledger) -> set[str]:
         """Load the rows of the cases a previous run finished; return their ids."""
