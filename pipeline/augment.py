@@ -5,8 +5,9 @@ applied to every view that contains that axis, so all views stay consistent with
 anatomy: by ``VIEW_AXES``, each view's (C, H, W) dimensions are the volume axes (i, j, k) listed, so
 a left-right flip (volume axis 0) flips the W axis of the axial and coronal views and reverses the
 slab order (C) of the sagittal view. Channels are reversed only for slab/slice views
-(``flip_channels``); projection channels are not an axis. Then each view gets a small random
-rotation/scaling, and the stack intensity jitter and Gaussian noise.
+(``flip_channels``); projection channels are not an axis. When C holds several slabs of the same
+slices (``blocks``: the image's slab, then the distance map's), each is reversed in place. Then each
+view gets a small random rotation/scaling, and the stack intensity jitter and Gaussian noise.
 
 Both chains are MONAI ``Randomizable``: seed them with ``set_random_state`` (the training dataset
 does this per item from the torch RNG, so runs are reproducible and resumable).
@@ -65,10 +66,13 @@ def _affine(cfg: ClassifyConfig, dims: int) -> RandAffine:
 class ViewAugment(Randomizable):
     """Consistent random flips across views, then per-view affine, then intensity and noise."""
 
-    def __init__(self, cfg: ClassifyConfig, flip_channels: bool = True, flip_prob: float = 0.5) -> None:
+    def __init__(
+        self, cfg: ClassifyConfig, flip_channels: bool = True, flip_prob: float = 0.5, blocks: int = 1
+    ) -> None:
         self.flip_axes = tuple(cfg.flip_axes)
         self.flip_channels = flip_channels
         self.flip_prob = flip_prob
+        self.blocks = blocks
         self.affine = _affine(cfg, 2)
         self.intensity = Compose(_intensity(cfg))
         self._flips: tuple[int, ...] = ()
@@ -86,9 +90,10 @@ class ViewAugment(Randomizable):
         """Flip volume ``axes`` in every view (V = 3) or in the axial view alone (V = 1)."""
         out = []
         for name, view in zip(VIEW_ORDER, views, strict=False):
-            dims = [VIEW_AXES[name].index(a) for a in axes]
-            dims = [d for d in dims if d > 0 or self.flip_channels]
-            out.append(torch.flip(view, dims) if dims else view)
+            dims = [VIEW_AXES[name].index(a) + 1 for a in axes]  # in the (blocks, C, H, W) view
+            dims = [d for d in dims if d > 1 or self.flip_channels]
+            blocked = view.reshape(self.blocks, -1, *view.shape[1:])
+            out.append(torch.flip(blocked, dims).reshape(view.shape) if dims else view)
         return torch.stack(out)
 
     def __call__(self, views: torch.Tensor) -> torch.Tensor:
@@ -98,9 +103,9 @@ class ViewAugment(Randomizable):
         return convert_to_tensor(self.intensity(views), track_meta=False)
 
 
-def view_augmentation(cfg: ClassifyConfig, flip_channels: bool = True) -> ViewAugment:
-    """The augmentation chain for (V, C, H, W) view stacks."""
-    return ViewAugment(cfg, flip_channels)
+def view_augmentation(cfg: ClassifyConfig, flip_channels: bool = True, blocks: int = 1) -> ViewAugment:
+    """The augmentation chain for (V, C, H, W) view stacks whose C holds ``blocks`` equal slabs."""
+    return ViewAugment(cfg, flip_channels, blocks=blocks)
 
 
 def volume_augmentation(cfg: ClassifyConfig) -> Compose:

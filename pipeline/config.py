@@ -80,6 +80,16 @@ class ViewsConfig(Section):
     # Cut the views with everything outside the case's mask set to background: with mode max this
     # is a lung-only MIP, where a nodule stands out that a whole-chest projection hides.
     within_mask: bool = False
+    # For binary shape masks (intensity mode minmax; the shape is where the scaled image is >= 0.5):
+    # also cut each view from the shape's distance map (each voxel's distance to the surface in mm,
+    # pipeline.preprocess.intensity.surface_distance), as a second slab of the same slices after the
+    # image's. A gland's thickness becomes a value the CNN reads, instead of a width it must measure.
+    distance: bool = False
+
+    @property
+    def blocks(self) -> int:
+        """How many slabs of the same slices each view's channels hold (image, then distance)."""
+        return 2 if self.distance else 1
 
     @model_validator(mode="after")
     def _point_given(self) -> ViewsConfig:
@@ -104,6 +114,12 @@ class PreprocessConfig(Section):
     workers: int = Field(0, ge=0)
     scheduler: str | None = None  # a Dask scheduler address, e.g. tcp://host:8786
 
+    @model_validator(mode="after")
+    def _distance_of_a_shape(self) -> PreprocessConfig:
+        if self.views.distance and self.intensity.mode != "minmax":
+            raise ValueError("views.distance is for binary shape masks: it needs intensity.mode minmax")
+        return self
+
 
 class ClassifyConfig(Section):
     """Classifier training (owned by the classifier stage)."""
@@ -112,6 +128,10 @@ class ClassifyConfig(Section):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(32, ge=1)
     seed: int = 0
+    # 1: one model, its best epoch chosen on the val split. K > 1: a cross-validation ensemble of K
+    # models, one per stratified, patient-grouped fold of the train split, each keeping its best epoch
+    # on its held-out fold; their mean probability is the prediction (pipeline.train.classify).
+    folds: int = Field(1, ge=1)
     # model
     encoder: Literal["conv", "resnet"] = "conv"
     features: int = Field(16, ge=1)
@@ -144,6 +164,9 @@ class ClassifyConfig(Section):
     noise_std: float = Field(0.0, ge=0)
     # evaluation
     threshold: Literal["youden", "balanced_accuracy"] = "youden"
+    # the cases the threshold is chosen on: the val split, plus (with folds > 1) the out-of-fold
+    # scores of every training case
+    threshold_on: Literal["val", "val+oof"] = "val+oof"
     n_boot: int = Field(1000, ge=0)
     workers: int = Field(0, ge=0)
     device: str = "cpu"

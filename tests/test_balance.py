@@ -94,6 +94,23 @@ def test_view_flip_matches_views_of_the_flipped_volume(mode, axes):
     assert torch.allclose(aug.flip(torch.from_numpy(extract_views(volume, center, mode, 3)), axes), flipped)
 
 
+@pytest.mark.parametrize("axes", [(0,), (1,), (2,), (0, 1, 2)])
+def test_view_flip_keeps_stacked_slabs_apart(axes):
+    """With two slabs in C (image, then a second map of the same slices), each flips in place."""
+    rng = np.random.default_rng(1)
+    image, other = rng.random((2, 9, 9, 9)).astype(np.float32)
+    center = (4, 4, 4)
+
+    def views(a: np.ndarray, b: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(
+            np.concatenate([extract_views(a, center, "slab", 5), extract_views(b, center, "slab", 5)], 1)
+        )
+
+    aug = view_augmentation(ClassifyConfig(), flip_channels=True, blocks=2)
+    expected = views(np.flip(image, axes).copy(), np.flip(other, axes).copy())
+    assert torch.equal(aug.flip(views(image, other), axes), expected)
+
+
 def test_view_augmentation_is_seeded_and_varies():
     views = torch.rand(3, 3, 16, 16)
     aug = view_augmentation(ClassifyConfig(affine_prob=1.0, noise_std=0.05))

@@ -15,8 +15,9 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.evaluate.classification import run_evaluate_classify
 from pipeline.infer.classify import run_predict_classify
+from pipeline.models import Ensemble, load_classifier
 from pipeline.preprocess.stage import run_preprocess
-from pipeline.train.classify import run_train_classify
+from pipeline.train.classify import load_split, run_train_classify
 
 SIZE = 12
 
@@ -134,6 +135,42 @@ def test_predict_folder_with_a_corrupt_file_resumes(trained):
     rows = {r["case_id"]: r for r in csv.DictReader(run_predict_classify(out, scans, root / "pred").open())}
     assert all(r["status"] == "ok" for r in rows.values())
     assert (root / "pred" / "ledger.csv").read_text().count("c00") == ledger_before
+
+
+def test_fold_ensemble_trains_evaluates_and_predicts(trained, tmp_path):
+    config, root, _ = trained
+    prep = config.run_dir / "preprocess"
+    config = config.model_copy(
+        update={
+            "run": tmp_path / "run",
+            "classify": config.classify.model_copy(update={"folds": 3, "epochs": 1, "n_boot": 20}),
+        }
+    )
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "preprocess").symlink_to(prep)
+    out = run_train_classify(config, progress=False)
+    oof = list(csv.DictReader((out / "oof_predictions.csv").open()))
+    train_ids = [f"c{i:02d}" for i in range(36) if (i // 3) % 6 in (0, 1, 2, 5)]
+    assert sorted(r["case_id"] for r in oof) == train_ids  # every training case scored exactly once
+    for k in range(3):
+        held = [r for r in oof if r["fold"] == str(k)]
+        assert len(held) == 8 and sum(int(r["label"]) for r in held) in (2, 3)  # stratified folds
+        assert (out / f"fold{k}" / "checkpoint.pt").is_file()
+    model, meta = load_classifier(out / "checkpoint.pt")
+    assert isinstance(model, Ensemble) and len(model.members) == 3 and meta["folds"] == 3
+    # each out-of-fold score is the prediction of the one member that did not train on that case
+    train = load_split(prep, "train", "views")
+    for row in oof[:4]:
+        member, _ = load_classifier(out / f"fold{row['fold']}" / "checkpoint.pt")
+        x = torch.from_numpy(train.inputs[train.case_ids.index(row["case_id"])][None])
+        with torch.no_grad():
+            expected = float(torch.softmax(member(x), 1)[0, 1])
+        assert float(row["probability"]) == pytest.approx(expected, abs=1e-5)
+    assert len(list(csv.DictReader((out / "history.csv").open()))) == 1
+    metrics = json.loads(run_evaluate_classify(config).read_text())
+    assert metrics["threshold_cases"] == {"val": 6, "out_of_fold": 24}
+    path = run_predict_classify(out, root / "data" / "images" / "c00.nii.gz", tmp_path / "pred")
+    assert next(csv.DictReader(path.open()))["status"] == "ok"
 
 
 @pytest.mark.realdata

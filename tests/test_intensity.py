@@ -1,14 +1,15 @@
-"""Intensity smoothing: the sigma is in mm on anisotropic grids, and the stage applies it to the volume."""
+"""Intensity smoothing (sigma in mm on anisotropic grids) and the surface-distance views of a shape."""
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from pipeline.config import load_config
 from pipeline.preprocess.cache import load_entry
-from pipeline.preprocess.intensity import smooth
+from pipeline.preprocess.intensity import DISTANCE_SCALE_MM, smooth, surface_distance
 from pipeline.preprocess.stage import run_preprocess
 from pipeline.synth import write_cohort
 
@@ -51,3 +52,43 @@ def test_stage_smooths_the_normalised_volume(tmp_path):
         expected = ndimage.gaussian_filter(before, 4.0 / spacing, mode="nearest")
         assert np.abs(after - expected).max() < 2e-3  # float16 storage
         assert np.abs(after - before).max() > 20 * 2e-3  # and visibly so
+
+
+def test_surface_distance_measures_half_the_thickness_in_mm():
+    """A 12 mm thick plate on 1.5 mm voxels: 0 outside, 0.75 mm in its outer voxels, 6 - 0.75 at the core."""
+    plate = np.zeros((9, 9, 20), bool)
+    plate[..., 4:12] = True  # 8 voxels of 1.5 mm
+    spacing = np.array([3.0, 3.0, 1.5])  # coarse in-plane: the plate's faces are along k
+    mm = surface_distance(plate, spacing) * DISTANCE_SCALE_MM
+    assert mm[~plate].max() == 0
+    assert mm[4, 4, 4] == pytest.approx(0.75) and mm[4, 4, 7] == pytest.approx(5.25)
+    assert mm[4, 4, 4:12] == pytest.approx(mm[4, 4, 4:12][::-1])
+
+
+def test_distance_views_follow_the_image_views(tmp_path):
+    """views.distance appends a slab of the distance map, cut at the same slices as the image's."""
+    ball = np.zeros((15, 15, 15), np.uint8)
+    grid = np.indices(ball.shape) - 7
+    ball[(grid**2).sum(0) <= 25] = 255
+    (tmp_path / "images").mkdir()
+    nib.save(nib.Nifti1Image(ball, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "images" / "b.nii.gz")
+    (tmp_path / "manifest.csv").write_text("case_id,image\nb,images/b.nii.gz\n")
+    config = load_config(
+        None,
+        **{
+            "run": str(tmp_path / "run"),
+            "data.manifest": str(tmp_path / "manifest.csv"),
+            "preprocess.spacing": None,
+            "preprocess.shape": [15, 15, 15],
+            "preprocess.crop_foreground": False,
+            "preprocess.intensity.mode": "minmax",
+            "preprocess.views.mode": "slab",
+            "preprocess.views.thickness": 3,
+            "preprocess.views.distance": True,
+        },
+    )
+    views = load_entry(run_preprocess(config) / "cache" / "b.npz")[0]["views"]
+    assert views.shape == (3, 6, 15, 15)
+    image, distance = views[:, :3], views[:, 3:] * DISTANCE_SCALE_MM
+    assert np.array_equal(distance > 0, image > 0.5)  # the same slices, the same voxels
+    assert distance[0, 1].max() == pytest.approx(5 * 2.0 - 1.0, abs=0.5)  # radius 5 voxels of 2 mm

@@ -1,6 +1,7 @@
 """Classification metrics with bootstrap 95% CIs, and the ``evaluate classify`` stage.
 
-The decision threshold is chosen on the validation split and applied unchanged to test:
+The decision threshold is chosen on the validation split (with a fold ensemble, by default on the
+validation split together with every training case's out-of-fold score) and applied unchanged to test:
 ``youden`` takes the ROC point maximising sensitivity + specificity - 1 (``roc_curve`` threshold);
 ``balanced_accuracy`` takes the midpoint between adjacent validation scores that maximises balanced
 accuracy (for two classes the same criterion, with the cut placed between cases rather than on one).
@@ -46,6 +47,7 @@ __all__ = [
     "choose_threshold",
     "metrics_with_ci",
     "run_evaluate_classify",
+    "threshold_cases",
 ]
 
 THRESHOLD_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
@@ -108,6 +110,20 @@ def metrics_with_ci(
     return result
 
 
+def threshold_cases(
+    model_dir: Path, meta: dict[str, Any], val_labels: np.ndarray, val_scores: np.ndarray, on: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, scores) the threshold is chosen on: val, plus the out-of-fold scores of a fold
+    ensemble's training cases when ``on`` is ``val+oof``."""
+    if on != "val+oof" or int(meta.get("folds", 1)) == 1:
+        return val_labels, val_scores
+    with (model_dir / "oof_predictions.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    labels = np.array([int(r["label"]) for r in rows])
+    scores = np.array([float(r["probability"]) for r in rows])
+    return np.concatenate([val_labels, labels]), np.concatenate([val_scores, scores])
+
+
 def run_evaluate_classify(config: Config) -> Path:
     """Evaluate ``RUN/classify/checkpoint.pt`` on val (threshold) and test; return the metrics path."""
     from pipeline.train.classify import load_split, predict_proba
@@ -121,11 +137,13 @@ def run_evaluate_classify(config: Config) -> Path:
     val, test = load_split(prep, "val", key), load_split(prep, "test", key)
     val_scores = predict_proba(model, val.inputs, device=cfg.device)[:, 1]
     test_scores = predict_proba(model, test.inputs, device=cfg.device)[:, 1]
-    threshold = choose_threshold(val.labels, val_scores, cfg.threshold)
+    labels, scores = threshold_cases(out, meta, val.labels, val_scores, cfg.threshold_on)
+    threshold = choose_threshold(labels, scores, cfg.threshold)
     metrics = {
         "classes": meta["classes"],
         "checkpoint_epoch": meta.get("epoch"),
         "threshold_method": cfg.threshold,
+        "threshold_cases": {"val": len(val.labels), "out_of_fold": len(labels) - len(val.labels)},
         "n_boot": cfg.n_boot,
         "val": {"n": len(val.labels), **binary_metrics(val.labels, val_scores, threshold)},
         "test": {

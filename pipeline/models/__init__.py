@@ -1,13 +1,16 @@
-"""Classifiers: the multi-view CNN-LSTM, its ConvLSTM variant, a 3D CNN baseline, and their registry."""
+"""Classifiers: the multi-view CNN-LSTM, its ConvLSTM variant, a 3D CNN baseline, a
+probability-averaging ensemble, and their registry."""
 
 from pipeline.models.cnn3d import Small3DCNN
 from pipeline.models.cnn_lstm import MultiViewCNNLSTM
 from pipeline.models.conv_lstm import ConvLSTMCell, MultiViewConvLSTM
+from pipeline.models.ensemble import Ensemble
 from pipeline.models.registry import MODELS, ModelSpec, build_model, load_classifier, model_spec
 
 __all__ = [
     "MODELS",
     "ConvLSTMCell",
+    "Ensemble",
     "ModelSpec",
     "MultiViewCNNLSTM",
     "MultiViewConvLSTM",

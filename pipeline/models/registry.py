@@ -21,6 +21,7 @@ from pipeline.config import ClassifyConfig
 from pipeline.models.cnn3d import Small3DCNN
 from pipeline.models.cnn_lstm import MultiViewCNNLSTM
 from pipeline.models.conv_lstm import MultiViewConvLSTM
+from pipeline.models.ensemble import Ensemble
 
 __all__ = ["MODELS", "ModelSpec", "build_model", "load_classifier", "model_spec"]
 
@@ -71,11 +72,18 @@ def build_model(cfg: ClassifyConfig, in_channels: int, num_classes: int) -> nn.M
 
 
 def load_classifier(checkpoint: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a trained classifier from its checkpoint and sidecar; returns (model in eval mode, meta)."""
+    """Rebuild a trained classifier (or fold ensemble) from its checkpoint and sidecar.
+
+    Returns (model in eval mode, meta).
+    """
     from pipeline.checkpoint import load_checkpoint, sidecar_path
 
     meta = json.loads(sidecar_path(checkpoint).read_text(encoding="utf-8"))
     cfg = ClassifyConfig.model_validate(meta["classify"])
-    model = build_model(cfg, int(meta["in_channels"]), max(len(meta["classes"]), 2))
+    members = [
+        build_model(cfg, int(meta["in_channels"]), max(len(meta["classes"]), 2))
+        for _ in range(int(meta.get("folds", 1)))
+    ]
+    model = members[0] if len(members) == 1 else Ensemble(members)
     load_checkpoint(checkpoint, model, map_location=device)
     return model.to(device).eval(), meta

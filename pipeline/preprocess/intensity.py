@@ -14,10 +14,20 @@ from scipy import ndimage
 
 from pipeline.config import IntensityConfig
 
-__all__ = ["background_value", "foreground_threshold", "normalize", "smooth"]
+__all__ = [
+    "DISTANCE_SCALE_MM",
+    "background_value",
+    "foreground_threshold",
+    "normalize",
+    "smooth",
+    "surface_distance",
+]
 
 # Air/body boundary in HU: well above air (-1000) and lung (-850), below fat (-100).
 CT_BODY_HU = -500.0
+# Distances to a shape's surface are divided by this, so a gland's limb (a few mm thick) maps to
+# about 0.1-1, the range of the image channels.
+DISTANCE_SCALE_MM = 10.0
 
 
 def foreground_threshold(cfg: IntensityConfig, configured: float | None, array: np.ndarray) -> float:
@@ -64,3 +74,20 @@ def smooth(image: np.ndarray, sigma_mm: float, spacing: np.ndarray) -> np.ndarra
         return image
     sigma = [sigma_mm / float(s) for s in spacing]
     return ndimage.gaussian_filter(image, sigma, mode="nearest").astype(np.float32, copy=False)
+
+
+def surface_distance(foreground: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Each foreground voxel's distance to the shape's surface in units of ``DISTANCE_SCALE_MM``.
+
+    The Euclidean distance (in mm, on a grid of ``spacing`` mm) from the voxel centre to the nearest
+    background voxel centre, less half a voxel so that it measures to the boundary between them;
+    0 outside the shape. Its maximum over a structure is half the structure's thickness.
+
+    Example:
+        >>> slab = np.zeros((1, 1, 9), bool); slab[..., 2:7] = True   # 5 voxels of 2 mm thick
+        >>> (surface_distance(slab, np.array([2.0, 2.0, 2.0])) * DISTANCE_SCALE_MM)[0, 0, 2:7]
+        array([1., 3., 5., 3., 1.], dtype=float32)
+    """
+    distance = ndimage.distance_transform_edt(foreground, sampling=[float(s) for s in spacing])
+    half_voxel = 0.5 * float(np.min(spacing))
+    return (np.clip(distance - half_voxel, 0, None) / DISTANCE_SCALE_MM).astype(np.float32)

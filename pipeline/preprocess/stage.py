@@ -27,7 +27,13 @@ from pipeline.io import Volume, VolumeError, atomic_path, read_volume, remove_st
 from pipeline.manifest import Case, CaseSet, assign_splits, discover_folder, read_manifest
 from pipeline.preprocess.cache import load_meta, save_entry, valid_entry
 from pipeline.preprocess.fingerprint import fingerprint
-from pipeline.preprocess.intensity import background_value, foreground_threshold, normalize, smooth
+from pipeline.preprocess.intensity import (
+    background_value,
+    foreground_threshold,
+    normalize,
+    smooth,
+    surface_distance,
+)
 from pipeline.preprocess.spatial import plan_grid, resample
 from pipeline.preprocess.views import center_index, extract_views
 
@@ -49,7 +55,9 @@ def preprocess_volume(
     grid = plan_grid(volume, cfg, threshold)
     raw = resample(volume.image, grid, linear=True, fill=background_value(cfg.intensity, volume.array))
     foreground = raw > threshold
-    image = smooth(normalize(raw, cfg.intensity, foreground), cfg.intensity.smooth_mm, grid.spacing)
+    scaled = normalize(raw, cfg.intensity, foreground)
+    shape_mask = scaled >= 0.5 if cfg.views.distance else None  # a binary shape's half level
+    image = smooth(scaled, cfg.intensity.smooth_mm, grid.spacing)
     labels = resample(mask.image, grid, linear=False, fill=0).astype(np.uint8) if mask is not None else None
 
     vcfg = cfg.views
@@ -63,10 +71,13 @@ def preprocess_volume(
         raise VolumeError(volume.path, "views.within_mask is set but the case has no mask")
     background = float(image.min())
     shown = np.where(labels > 0, image, background) if vcfg.within_mask else image
-    arrays: dict[str, np.ndarray] = {
-        "views": extract_views(shown, center, vcfg.mode, vcfg.thickness, fill=background).astype(np.float32),
-        "affine": grid.affine,
-    }
+    views = extract_views(shown, center, vcfg.mode, vcfg.thickness, fill=background).astype(np.float32)
+    if vcfg.distance:
+        distance = surface_distance(shape_mask, grid.spacing)
+        if vcfg.within_mask:
+            distance[labels == 0] = 0
+        views = np.concatenate([views, extract_views(distance, center, vcfg.mode, vcfg.thickness, fill=0)], 1)
+    arrays: dict[str, np.ndarray] = {"views": views, "affine": grid.affine}
     if labels is not None:
         # Mask views keep label values: a projection of labels is their max, never their mean.
         mask_mode = {"mean": "max", "projections": "max"}.get(vcfg.mode, vcfg.mode)

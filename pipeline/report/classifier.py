@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import ViewsConfig
 from pipeline.preprocess.cache import VIEW_NAMES, load_entry
 from pipeline.report import plots
 from pipeline.report.blocks import Cell, Figures, Note, Section, Table, cell, guard
@@ -155,21 +156,24 @@ def montage_picks(rows: list[dict[str, str]], per_category: int = 2) -> list[tup
     return picks
 
 
-def montage_row(entry: Path, title: str, channel: int | None = None, color: str = plots.INK) -> plots.ViewRow:
+def montage_row(
+    entry: Path, title: str, channel: int | None = None, color: str = plots.INK, blocks: int = 1
+) -> plots.ViewRow:
     """A montage row from a cache entry's views, as cached (display orientation), one channel each.
 
-    ``channel`` defaults to the middle one (the centre slice of a slab).
+    ``channel`` defaults to the middle one of the image's slab (the first of ``blocks`` slabs).
     """
     views = load_entry(entry)[0]["views"]
-    c = views.shape[1] // 2 if channel is None else channel
+    c = views.shape[1] // blocks // 2 if channel is None else channel
     return plots.ViewRow(title, [views[v, c] for v in range(min(len(views), len(VIEW_NAMES)))], color=color)
 
 
 def _montage(run: RunFolder, figures: Figures) -> list:
     pred = run.csv("classify/test_predictions.csv")
     cache = {r["case_id"]: r["cache"] for r in run.csv("preprocess/cases.csv") if r.get("cache")}
-    mode = run.json("preprocess/params.json").get("preprocess", {}).get("views", {}).get("mode")
-    channel = 0 if mode == "projections" else None  # the centre slice, not a projection
+    params = run.json("preprocess/params.json").get("preprocess", {})
+    views = ViewsConfig.model_validate(params.get("views", {}))
+    channel = 0 if views.mode == "projections" else None  # the centre slice, not a projection
     picks = [(k, r) for k, r in montage_picks(pred) if r["case_id"] in cache]
     if not picks:
         raise ValueError("no test case with a cache entry to show")
@@ -179,6 +183,7 @@ def _montage(run: RunFolder, figures: Figures) -> list:
             f"{CATEGORIES[k][1]}\n{r['case_id']}\np = {float(r['probability']):.3f}",
             channel,
             CATEGORIES[k][2],
+            views.blocks,
         )
         for k, r in picks
     ]

@@ -4,7 +4,15 @@
 needs (views or volume) into memory, balances the training split (``pipeline.balance``), augments
 it (``pipeline.augment``), and trains with the shared loop, early-stopping on the validation metric
 ``classify.monitor``. It writes ``RUN/classify/{checkpoint.pt, checkpoint.json, last_state.pt,
-history.csv, balance.json, config.yaml, tb/}``. Under ``torchrun`` it trains with DDP
+history.csv, balance.json, config.yaml, tb/}``.
+
+With ``classify.folds`` K > 1 it trains a cross-validation ensemble instead (as nnU-Net does): the
+train split is cut into K stratified folds that keep each patient in one fold, one model per fold
+trains on the other K - 1 and keeps its best epoch on its own fold (``RUN/classify/fold<k>/``), and
+``checkpoint.pt`` holds all K as one ``Ensemble`` whose prediction is their mean probability. Every
+training case also gets an out-of-fold probability (``oof_predictions.csv``) from the member that
+never saw it: a held-out score for each of the training cases, which the evaluate stage can use to
+choose the decision threshold on far more cases than the val split has. Under ``torchrun`` it trains with DDP
 (``pipeline.train.distributed``): ``batch_size`` is per process, each rank draws its share of the
 balanced sampler (``weighted_sampler``: MONAI's ``DistributedWeightedRandomSampler``) and rank 0
 writes the files.
@@ -18,7 +26,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +34,25 @@ import numpy as np
 import torch
 from monai.utils import convert_to_tensor
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.augment import view_augmentation, volume_augmentation
 from pipeline.balance import balance
-from pipeline.config import ClassifyConfig, Config, save_config
+from pipeline.checkpoint import save_checkpoint
+from pipeline.config import ClassifyConfig, Config, PreprocessConfig, ViewsConfig, save_config
 from pipeline.io import atomic_path
 from pipeline.models import build_model, model_spec
+from pipeline.models.ensemble import Ensemble
 from pipeline.preprocess.cache import load_entry
 from pipeline.train import distributed
-from pipeline.train.loop import LoopSettings, fit, seed_everything
+from pipeline.train.loop import FitResult, LoopSettings, fit, seed_everything, write_history
 
 __all__ = [
     "CaseArrays",
     "CaseDataset",
+    "fold_indices",
     "load_split",
     "loop_settings",
     "model_input",
@@ -59,6 +71,17 @@ class CaseArrays:
     inputs: np.ndarray
     labels: np.ndarray
     case_ids: list[str]
+    groups: list[str] = field(default_factory=list)  # patient ids (the case id where none is known)
+
+    def subset(self, index: np.ndarray) -> CaseArrays:
+        """The cases at ``index``, in that order."""
+        pick = [int(i) for i in index]
+        return CaseArrays(
+            self.inputs[index],
+            self.labels[index],
+            [self.case_ids[i] for i in pick],
+            [self.groups[i] for i in pick] if self.groups else [],
+        )
 
 
 class CaseDataset(Dataset):
@@ -104,7 +127,12 @@ def load_split(prep_dir: Path, split: str, key: str) -> CaseArrays:
     if not rows:
         raise ValueError(f"{prep_dir / 'cases.csv'}: no labelled, cached cases in split {split!r}")
     inputs = np.stack([model_input(load_entry(prep_dir / r["cache"])[0], key) for r in rows])
-    return CaseArrays(inputs, np.array([int(r["label"]) for r in rows]), [r["case_id"] for r in rows])
+    return CaseArrays(
+        inputs,
+        np.array([int(r["label"]) for r in rows]),
+        [r["case_id"] for r in rows],
+        [r.get("patient_id") or r["case_id"] for r in rows],
+    )
 
 
 @torch.no_grad()
@@ -155,23 +183,43 @@ def loop_settings(cfg: ClassifyConfig, progress: bool = True) -> LoopSettings:
     )
 
 
-@distributed.process_group()
-def run_train_classify(config: Config, resume: bool = False, progress: bool = True) -> Path:
-    """Train the configured classifier on ``RUN/preprocess``; return ``RUN/classify``."""
-    cfg = config.classify.model_copy(update={"device": distributed.device_for(config.classify.device)})
-    prep, out = config.run_dir / "preprocess", config.run_dir / "classify"
-    out.mkdir(parents=True, exist_ok=True)
-    params = read_params(prep)
-    spec = model_spec(cfg.model)
-    train, val = load_split(prep, "train", spec.input), load_split(prep, "val", spec.input)
-    classes = (
-        params.get("classes") or config.data.classes or [str(k) for k in range(int(train.labels.max()) + 1)]
-    )
-    num_classes = max(len(classes), 2)
+def fold_indices(data: CaseArrays, folds: int, seed: int) -> list[np.ndarray]:
+    """Held-out case indices of ``folds`` stratified folds that keep each patient in one fold."""
+    groups = data.groups or data.case_ids
+    by_class = {c: {g for g, y in zip(groups, data.labels, strict=True) if y == c} for c in set(data.labels)}
+    smallest = min(len(patients) for patients in by_class.values())
+    if folds > smallest:
+        raise ValueError(
+            f"classify.folds {folds} needs at least {folds} patients of every class in the train split; "
+            f"the smallest class has {smallest}"
+        )
+    splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+    return [held for _, held in splitter.split(data.inputs[:, :0], data.labels, groups)]
 
+
+def _augmentation(cfg: ClassifyConfig, input_key: str, views: ViewsConfig) -> Callable | None:
+    if not cfg.augment:
+        return None
+    if input_key == "views":
+        return view_augmentation(cfg, flip_channels=views.mode in ("slice", "slab"), blocks=views.blocks)
+    return volume_augmentation(cfg)
+
+
+def _fit_member(
+    cfg: ClassifyConfig,
+    train: CaseArrays,
+    val: CaseArrays,
+    transform: Callable | None,
+    out: Path,
+    meta: dict[str, Any],
+    resume: bool,
+    progress: bool,
+) -> tuple[nn.Module, FitResult]:
+    """Balance, augment and train one model on ``train``, keeping its best epoch on ``val``."""
+    classes = meta["classes"]
+    num_classes = max(len(classes), 2)
     seed_everything(cfg.seed)
-    in_channels = int(train.inputs.shape[2 if spec.input == "views" else 1])
-    model = build_model(cfg, in_channels, num_classes)
+    model = build_model(cfg, meta["in_channels"], num_classes)
     balancing = balance(
         cfg.balance,
         train.labels,
@@ -180,16 +228,10 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
         undersample_ratio=cfg.undersample_ratio,
         focal_gamma=cfg.focal_gamma,
     )
+    out.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         with atomic_path(out / "balance.json") as tmp:
             tmp.write_text(json.dumps(balancing.report(classes), indent=2), encoding="utf-8")
-    if not cfg.augment:
-        transform = None
-    elif spec.input == "views":
-        mode = params.get("preprocess", {}).get("views", {}).get("mode", config.preprocess.views.mode)
-        transform = view_augmentation(cfg, flip_channels=mode in ("slice", "slab"))
-    else:
-        transform = volume_augmentation(cfg)
     dataset = CaseDataset(train, transform)
     loader = DataLoader(
         dataset,
@@ -202,27 +244,124 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
     def validate(net: nn.Module) -> dict[str, float]:
         return split_metrics(val.labels, predict_proba(net, val.inputs, device=cfg.device))
 
-    if distributed.is_main():
-        save_config(config, out / "config.yaml")
-    meta = {
-        "task": "classify",
-        "model": cfg.model,
-        "input": spec.input,
-        "in_channels": in_channels,
-        "classes": classes,
-        "classify": cfg.model_dump(mode="json"),
-        "preprocess": params.get("preprocess", config.preprocess.model_dump(mode="json")),
-        "io": params.get("io", config.io.model_dump(mode="json")),
-        "balance": balancing.report(classes),
-    }
-    fit(
+    result = fit(
         model,
         loader,
         balancing.loss.to(cfg.device),
         validate,
         out,
         loop_settings(cfg, progress),
-        meta=meta,
+        meta={**meta, "classify": cfg.model_dump(mode="json"), "balance": balancing.report(classes)},
         resume=resume,
     )
+    return model, result
+
+
+def _mean_history(histories: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+    """Per epoch, the mean of every column over the folds that ran it (``seconds`` summed)."""
+    rows = []
+    for epoch in range(max(len(h) for h in histories)):
+        present = [h[epoch] for h in histories if epoch < len(h)]
+        row: dict[str, float] = {"epoch": epoch}
+        for key in present[0]:
+            if key != "epoch":
+                values = [float(r[key]) for r in present]
+                row[key] = float(np.sum(values) if key == "seconds" else np.mean(values))
+        rows.append(row)
+    return rows
+
+
+def _train_folds(
+    cfg: ClassifyConfig,
+    train: CaseArrays,
+    val: CaseArrays,
+    transform: Callable | None,
+    out: Path,
+    meta: dict[str, Any],
+    resume: bool,
+    progress: bool,
+) -> None:
+    """The cross-validation ensemble: one member per fold, each validated on its held-out fold.
+
+    Writes ``fold<k>/`` per member, the ensemble ``checkpoint.pt``, ``oof_predictions.csv`` (each
+    training case scored by the member that did not see it), the fold-mean ``history.csv`` and the
+    whole training split's ``balance.json``.
+    """
+    members, histories, epochs = [], [], []
+    oof = np.full(len(train.labels), np.nan)
+    folds = fold_indices(train, cfg.folds, cfg.seed)
+    for k, held in enumerate(folds):
+        fit_on = np.setdiff1d(np.arange(len(train.labels)), held)
+        member_cfg = cfg.model_copy(update={"seed": cfg.seed * cfg.folds + k, "folds": 1})
+        model, result = _fit_member(
+            member_cfg,
+            train.subset(fit_on),
+            train.subset(held),
+            transform,
+            out / f"fold{k}",
+            {**meta, "folds": 1},
+            resume,
+            progress,
+        )
+        oof[held] = positive_probability(predict_proba(model, train.inputs[held], device=cfg.device))
+        members.append(model)
+        histories.append(result.history)
+        epochs.append(result.best_epoch)
+    ensemble = Ensemble(members)
+    if not distributed.is_main():
+        return
+    val_metrics = split_metrics(val.labels, predict_proba(ensemble, val.inputs, device=cfg.device))
+    balancing = balance(cfg.balance, train.labels, max(len(meta["classes"]), 2))
+    with atomic_path(out / "balance.json") as tmp:
+        tmp.write_text(json.dumps(balancing.report(meta["classes"]), indent=2), encoding="utf-8")
+    save_checkpoint(
+        out / "checkpoint.pt",
+        ensemble,
+        {
+            **meta,
+            "classify": cfg.model_dump(mode="json"),
+            "epoch": None,
+            "fold_epochs": epochs,
+            "val_metrics": val_metrics,
+        },
+    )
+    with atomic_path(out / "oof_predictions.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["case_id", "label", "fold", "probability"])
+        fold_of = {int(i): k for k, held in enumerate(folds) for i in held}
+        for i, cid in enumerate(train.case_ids):
+            writer.writerow([cid, int(train.labels[i]), fold_of[i], f"{oof[i]:.6f}"])
+    write_history(out / "history.csv", _mean_history(histories))
+
+
+@distributed.process_group()
+def run_train_classify(config: Config, resume: bool = False, progress: bool = True) -> Path:
+    """Train the classifier (or its ``folds`` ensemble) on ``RUN/preprocess``; return ``RUN/classify``."""
+    cfg = config.classify.model_copy(update={"device": distributed.device_for(config.classify.device)})
+    prep, out = config.run_dir / "preprocess", config.run_dir / "classify"
+    out.mkdir(parents=True, exist_ok=True)
+    params = read_params(prep)
+    spec = model_spec(cfg.model)
+    train, val = load_split(prep, "train", spec.input), load_split(prep, "val", spec.input)
+    classes = (
+        params.get("classes") or config.data.classes or [str(k) for k in range(int(train.labels.max()) + 1)]
+    )
+    views = PreprocessConfig.model_validate(params["preprocess"]).views if "preprocess" in params else None
+    transform = _augmentation(cfg, spec.input, views or config.preprocess.views)
+    if distributed.is_main():
+        save_config(config, out / "config.yaml")
+    meta = {
+        "task": "classify",
+        "model": cfg.model,
+        "input": spec.input,
+        "in_channels": int(train.inputs.shape[2 if spec.input == "views" else 1]),
+        "classes": classes,
+        "folds": cfg.folds,
+        "preprocess": params.get("preprocess", config.preprocess.model_dump(mode="json")),
+        "io": params.get("io", config.io.model_dump(mode="json")),
+    }
+    if cfg.folds == 1:
+        _fit_member(cfg, train, val, transform, out, meta, resume, progress)
+    else:
+        _train_folds(cfg, train, val, transform, out, meta, resume, progress)
     return out

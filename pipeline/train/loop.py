@@ -62,6 +62,7 @@ __all__ = [
     "seed_everything",
     "set_rng_states",
     "unpack_batch",
+    "write_history",
 ]
 
 Validate = Callable[[nn.Module], Mapping[str, float]]
@@ -170,7 +171,8 @@ def _score(metrics: Mapping[str, float], monitor: str) -> float:
     return value if math.isfinite(value) else -math.inf
 
 
-def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+def write_history(path: Path, history: list[dict[str, float]]) -> None:
+    """Write per-epoch rows as ``history.csv`` (atomically), with every key any row has as a column."""
     fields = list(dict.fromkeys(key for row in history for key in row))
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
@@ -325,7 +327,7 @@ def fit(
                         "loop": asdict(s),
                     },
                 )
-            _write_history(out / "history.csv", history)
+            write_history(out / "history.csv", history)
             save_state(
                 last,
                 {
