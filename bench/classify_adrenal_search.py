@@ -1,18 +1,23 @@
 """Model selection for ``bench/classify_adrenal.py``, on the validation split only.
 
-Trains each named candidate configuration (overrides on top of the benchmark's ``BEST``) and prints
-the validation AUC and balanced accuracy of its best checkpoint, averaged over ``--seeds``. The evaluate
-stage also scores test into each run's metrics.json; this script uses only its validation part, so
-the choice written into ``BEST`` sees no test data.
+Trains each named candidate configuration (overrides on top of the benchmark's ``BEST``) and prints,
+averaged over ``--seeds``: for fold ensembles the mean AUC of the members on their held-out folds and
+the AUC of the pooled out-of-fold scores (both over all 1,188 training cases), then the ensemble's
+validation AUC and balanced accuracy. The evaluate stage also scores test into each run's
+metrics.json; this script reads none of it, so the choice written into ``BEST`` sees no test data.
+Val alone (98 cases, 22 positive) was too small to choose by: its AUC has a standard error near 0.03.
 
 Usage:
-    python bench/classify_adrenal_search.py --candidates avgmax slab28 --seeds 0 1
+    python bench/classify_adrenal_search.py --candidates folds best --seeds 0 1
+    python bench/classify_adrenal_search.py --data ../shared/data/adrenalmnist3d_64 --thickness 11
     python bench/classify_adrenal_search.py --list
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import statistics
 import sys
 import tempfile
@@ -20,63 +25,52 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from classify_adrenal import BEST, DATA, make_config, train_and_evaluate
+from classify_adrenal import BEST, DATA, grid_size, make_config, train_and_evaluate
 
 from pipeline.config import Config
 from pipeline.preprocess.stage import run_preprocess
 
-# name -> (view mode, slab thickness, overrides)
-CANDIDATES: dict[str, tuple[str, int, dict[str, Any]]] = {
-    "base": ("slab", 7, {}),
-    "avgmax": ("slab", 7, {"classify.pool": "avgmax"}),
-    "slab13": ("slab", 13, {"classify.pool": "avgmax"}),
-    "slab28": ("slab", 28, {"classify.pool": "avgmax"}),
-    "proj": ("projections", 1, {"classify.pool": "avgmax"}),
-    "wide": ("slab", 7, {"classify.pool": "avgmax", "classify.features": 32}),
-    "resnet": ("slab", 7, {"classify.pool": "avgmax", "classify.encoder": "resnet"}),
-    "ema": ("slab", 7, {"classify.pool": "avgmax", "classify.ema_decay": 0.99}),
-    "flips": ("slab", 7, {"classify.pool": "avgmax", "classify.flip_axes": [0, 1, 2]}),
-    "strongaug": (
-        "slab",
-        7,
-        {"classify.pool": "avgmax", "classify.affine_prob": 0.8, "classify.rotate_degrees": 15.0},
-    ),
-    "cnn3d": ("slab", 7, {"classify.model": "cnn3d", "classify.pool": "avgmax"}),
-    "slab28_avg": ("slab", 28, {}),
-    "slab28_ema": ("slab", 28, {"classify.pool": "avgmax", "classify.ema_decay": 0.99}),
-    "slab28_flips": (
-        "slab",
-        28,
-        {"classify.pool": "avgmax", "classify.flip_axes": [0, 1, 2], "preprocess.intensity.smooth_mm": 0.0},
-    ),
-    "slab28_flips_ema": (
-        "slab",
-        28,
-        {"classify.pool": "avgmax", "classify.flip_axes": [0, 1, 2], "classify.ema_decay": 0.99},
-    ),
-    "slab28_flips_avg": ("slab", 28, {"classify.flip_axes": [0, 1, 2]}),
-    "slab11_flips": ("slab", 11, {"classify.pool": "avgmax", "classify.flip_axes": [0, 1, 2]}),
-    # On the native grid (the shipped config) the 0/1 staircase of a mask hides the gland's thickness,
-    # the feature that separates the classes (mean distance to the surface: val AUC 0.85 on its own).
-    # Earlier rows were run by a make_config that resampled to 1.5 mm and back, which softened edges;
-    # slab28_flips is now the native-grid baseline.
-    "noscale": ("slab", 28, {"classify.scale": 0.0, "preprocess.intensity.smooth_mm": 0.0}),
-    "smooth1.1": ("slab", 28, {"preprocess.intensity.smooth_mm": 1.1}),
-    # early stopping (patience 10) often ended the 40-epoch cosine schedule near epoch 15-20, before
-    # the learning rate had come down; BEST (the shipped config) runs it to the end (patience: null)
-    "smooth1.8": ("slab", 28, {"classify.patience": 10}),
-    "smooth2.7": ("slab", 28, {"preprocess.intensity.smooth_mm": 2.7}),
-    "best": ("slab", 28, {}),
+# name -> overrides on top of BEST. Rounds before this one (their val AUCs are in BEST's comment in
+# classify_adrenal.py) chose every slice as slab channels, avg+max pooling, flips of all three axes
+# and a 1.8 mm Gaussian on single models selected on val; this round compares fold ensembles.
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "single": {"classify.folds": 1, "preprocess.views.distance": False},  # the previous BEST
+    "folds": {"preprocess.views.distance": False},
+    "best": {},
+    "noscale": {"classify.scale": 0.0},
+    "epochs60": {"classify.epochs": 60},
+    "features32": {"classify.features": 32},
+    "stem2": {"classify.stem_stride": 2},  # for 64³: every layer after the first on a 32² grid
 }
 
 
 def validate(config: Config, prep: Path) -> dict[str, float]:
-    """Train one configuration; the validation metrics of its best checkpoint and the wall time."""
+    """Train one configuration; its validation figures (never test) and the training wall time.
+
+    For a fold ensemble also the mean AUC of the members on their held-out folds and the AUC of the
+    pooled out-of-fold scores: both rest on every training case, not on val's 98.
+    """
     metrics, seconds = train_and_evaluate(config, prep)
-    val = metrics["val"]
-    return {"auc": val["auc"], "bacc": val["balanced_accuracy"], "seconds": seconds}
+    out = config.run_dir / "classify"
+    result = {"auc": metrics["val"]["auc"], "bacc": metrics["val"]["balanced_accuracy"], "seconds": seconds}
+    if config.classify.folds > 1:
+        held = [
+            json.loads((out / f"fold{k}" / "checkpoint.json").read_text())["val_metrics"]["auc"]
+            for k in range(config.classify.folds)
+        ]
+        with (out / "oof_predictions.csv").open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        oof = roc_auc_score([int(r["label"]) for r in rows], [float(r["probability"]) for r in rows])
+        result.update({"held_out": statistics.mean(held), "oof": float(oof)})
+    return result
+
+
+def _mean(results: list[dict[str, float]], key: str) -> str:
+    values = [r[key] for r in results if key in r]
+    return f"{statistics.mean(values):.3f}" if values else ""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--thickness", type=int, default=None, help="slab slices (default: all of them)")
+    parser.add_argument("--mode", default="slab", choices=["slice", "slab", "mean", "max", "projections"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--list", action="store_true", help="print the candidates and exit")
     args = parser.parse_args(argv)
@@ -96,18 +92,23 @@ def main(argv: list[str] | None = None) -> None:
             print(name, spec)
         return
     torch.set_num_threads(args.threads)
+    thickness = args.thickness or grid_size(args.data)
     out = args.out or Path(tempfile.mkdtemp(prefix="classify_adrenal_search_"))
     epochs = {"classify.epochs": args.epochs} if args.epochs else {}
-    print("| candidate | val AUC | val balanced ACC | s per run |\n|---|---|---|---|", flush=True)
+    print(
+        "| candidate | mean held-out-fold AUC | out-of-fold AUC | val AUC | val balanced ACC | s per run |\n"
+        "|---|---|---|---|---|---|",
+        flush=True,
+    )
     for name in args.candidates:
-        mode, thickness, overrides = CANDIDATES[name]
+        overrides = CANDIDATES[name]
         prep_overrides = {k: v for k, v in overrides.items() if k.startswith("preprocess.")}
         tag = "_".join(f"{k.rsplit('.', 1)[1]}{v}" for k, v in prep_overrides.items())
         prep_cfg = make_config(
             args.data,
-            out / f"prep_{mode}{thickness}{'_' + tag if tag else ''}",
+            out / f"prep_{args.mode}{thickness}{'_' + tag if tag else ''}",
             thickness,
-            mode,
+            args.mode,
             **{**BEST, **prep_overrides},
         )
         prep = run_preprocess(prep_cfg).resolve()
@@ -117,17 +118,17 @@ def main(argv: list[str] | None = None) -> None:
                     args.data,
                     out / f"{name}_seed{seed}",
                     thickness,
-                    mode,
+                    args.mode,
                     **{**BEST, **overrides, **epochs, "classify.seed": seed},
                 ),
                 prep,
             )
             for seed in args.seeds
         ]
-        auc, bacc, secs = ([r[k] for r in results] for k in ("auc", "bacc", "seconds"))
+        aucs = ", ".join(f"{r['auc']:.3f}" for r in results)
         print(
-            f"| {name} | {statistics.mean(auc):.3f} ({', '.join(f'{a:.3f}' for a in auc)}) "
-            f"| {statistics.mean(bacc):.3f} | {statistics.mean(secs):.0f} |",
+            f"| {name} | {_mean(results, 'held_out')} | {_mean(results, 'oof')} | {_mean(results, 'auc')} "
+            f"({aucs}) | {_mean(results, 'bacc')} | {statistics.mean(r['seconds'] for r in results):.0f} |",
             flush=True,
         )
 

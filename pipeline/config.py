@@ -139,6 +139,7 @@ class ClassifyConfig(Section):
     rnn: Literal["lstm", "gru"] = "lstm"
     hidden: int = Field(64, ge=1)
     pool: Literal["avg", "max", "avgmax"] = "avg"  # how the conv encoder pools a view (or volume)
+    stem_stride: int = Field(1, ge=1, le=4)  # stride of the conv encoder's first convolution (cnn_lstm)
     bidirectional: bool = True
     dropout: float = Field(0.3, ge=0, lt=1)
     # optimisation (pipeline.train.loop)

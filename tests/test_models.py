@@ -19,6 +19,7 @@ CASES = [
     ("cnn3d", {}, (4, 1, 16, 16, 16)),
     ("cnn_lstm", {"pool": "avgmax"}, (4, 3, 3, 16, 16)),
     ("cnn3d", {"pool": "max"}, (4, 1, 16, 16, 16)),
+    ("cnn_lstm", {"stem_stride": 2}, (4, 3, 6, 16, 16)),
 ]
 
 
@@ -97,3 +98,10 @@ def test_global_pool_modes_on_a_hand_made_map():
     assert GlobalPool("avg")(x).tolist() == [[0.5, 1.0]]
     assert GlobalPool("max")(x).tolist() == [[8.0, 1.0]]
     assert GlobalPool("avgmax")(x).tolist() == [[0.5, 1.0, 8.0, 1.0]]
+
+
+def test_stem_stride_halves_the_encoder_grid():
+    encoder = build_model(ClassifyConfig(features=8, depth=2, stem_stride=2), 3, 2).encoder
+    first = encoder.layers[0]
+    assert first.conv.stride == (2, 2)
+    assert encoder.layers[:-1](torch.zeros(1, 3, 32, 32)).shape == (1, 16, 8, 8)  # 32 -> 16 (stem) -> 8

@@ -47,6 +47,7 @@ MODELS: dict[str, ModelSpec] = {
             cfg.bidirectional,
             cfg.dropout,
             cfg.pool,
+            cfg.stem_stride,
         ),
         "views",
     ),
