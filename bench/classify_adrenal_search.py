@@ -40,7 +40,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "single": {"classify.folds": 1, "preprocess.views.distance": False},  # the previous BEST
     "folds": {"preprocess.views.distance": False},
     "best": {},
-    "noscale": {"classify.scale": 0.0},
+    "rescale": {"classify.scale": 0.1},
     "epochs60": {"classify.epochs": 60},
     "features32": {"classify.features": 32},
     "stem2": {"classify.stem_stride": 2},  # for 64³: every layer after the first on a 32² grid
