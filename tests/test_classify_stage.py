@@ -188,6 +188,7 @@ def test_adrenalmnist3d_smoke(tmp_path):
             "preprocess.cache_volume": False,
             "preprocess.views.thickness": 5,
             "classify.epochs": 3,
+            "classify.folds": 2,
             "classify.features": 8,
             "classify.n_boot": 50,
         },

@@ -11,6 +11,8 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.preprocess.cache import load_entry
+from pipeline.preprocess.intensity import DISTANCE_SCALE_MM
+from pipeline.preprocess.views import extract_views
 from pipeline.preprocess.stage import run_preprocess
 
 CONFIGS = Path(__file__).resolve().parents[1] / "data_manifests"
@@ -37,7 +39,7 @@ def test_adrenalmnist3d_end_to_end(shared_data, tmp_path):
     }
     case = next(r for r in _rows(out / "cases.csv") if r["case_id"] == "adrenalmnist3d_train_0002")
     arrays, _ = load_entry(out / case["cache"])
-    assert arrays["views"].shape == (3, 28, 28, 28)
+    assert arrays["views"].shape == (3, 56, 28, 28)  # every slice of the image, then of its distance map
     # The grid is kept (pad at native spacing, no crop): the volume is the input scaled to [0, 1],
     # then smoothed by the config's Gaussian (sigma in mm over the 2.2857 mm voxels).
     import nibabel as nib
@@ -47,6 +49,11 @@ def test_adrenalmnist3d_end_to_end(shared_data, tmp_path):
     sigma = config.preprocess.intensity.smooth_mm / np.array(image.header.get_zooms()[:3])
     expected = ndimage.gaussian_filter(image.get_fdata() / 255.0, sigma, mode="nearest")
     np.testing.assert_allclose(arrays["volume"].astype(np.float64), expected, atol=1e-3)  # float16
+    # The distance slabs measure the unsmoothed gland: zero outside it, half a voxel in its rim.
+    gland = extract_views(image.get_fdata() > 127, mode="slab", thickness=28)
+    distance_mm = arrays["views"][:, 28:] * DISTANCE_SCALE_MM
+    assert np.array_equal(distance_mm > 0, gland)
+    assert distance_mm[gland].min() == pytest.approx(0.5 * 2.2857, abs=1e-3)
 
 
 def test_kmader_lung2d_slices_end_to_end(shared_data, tmp_path):
