@@ -12,10 +12,11 @@ trains on the other K - 1 and keeps its best epoch on its own fold (``RUN/classi
 ``checkpoint.pt`` holds all K as one ``Ensemble`` whose prediction is their mean probability. Every
 training case also gets an out-of-fold probability (``oof_predictions.csv``) from the member that
 never saw it: a held-out score for each of the training cases, which the evaluate stage can use to
-choose the decision threshold on far more cases than the val split has. Under ``torchrun`` it trains with DDP
-(``pipeline.train.distributed``): ``batch_size`` is per process, each rank draws its share of the
-balanced sampler (``weighted_sampler``: MONAI's ``DistributedWeightedRandomSampler``) and rank 0
-writes the files.
+choose the decision threshold on far more cases than the val split has.
+
+Under ``torchrun`` it trains with DDP (``pipeline.train.distributed``): ``batch_size`` is per process,
+each rank draws its share of the balanced sampler (``weighted_sampler``: MONAI's
+``DistributedWeightedRandomSampler``) and rank 0 writes the files.
 
 Example:
     >>> out = run_train_classify(load_config("cfg.yaml"))      # doctest: +SKIP
@@ -346,8 +347,10 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
     classes = (
         params.get("classes") or config.data.classes or [str(k) for k in range(int(train.labels.max()) + 1)]
     )
-    views = PreprocessConfig.model_validate(params["preprocess"]).views if "preprocess" in params else None
-    transform = _augmentation(cfg, spec.input, views or config.preprocess.views)
+    preprocess = (
+        PreprocessConfig.model_validate(params["preprocess"]) if "preprocess" in params else config.preprocess
+    )
+    transform = _augmentation(cfg, spec.input, preprocess.views)
     if distributed.is_main():
         save_config(config, out / "config.yaml")
     meta = {
