@@ -174,7 +174,6 @@ def test_fold_ensemble_trains_evaluates_and_predicts(trained, tmp_path):
 
 
 @pytest.mark.realdata
-@pytest.mark.slow
 def test_adrenalmnist3d_smoke(tmp_path):
     data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "adrenalmnist3d"
     if not (data / "manifest.csv").is_file():
@@ -187,6 +186,7 @@ def test_adrenalmnist3d_smoke(tmp_path):
             "data.manifest": str(data / "manifest.csv"),
             "preprocess.cache_volume": False,
             "preprocess.views.thickness": 5,
+            "preprocess.workers": 2,
             "classify.epochs": 3,
             "classify.folds": 2,
             "classify.features": 8,
