@@ -27,7 +27,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -206,17 +206,20 @@ def _augmentation(cfg: ClassifyConfig, input_key: str, views: ViewsConfig) -> Ca
     return volume_augmentation(cfg)
 
 
-def _fit_member(
-    cfg: ClassifyConfig,
-    train: CaseArrays,
-    val: CaseArrays,
-    transform: Callable | None,
-    out: Path,
-    meta: dict[str, Any],
-    resume: bool,
-    progress: bool,
-) -> tuple[nn.Module, FitResult]:
+@dataclass(frozen=True)
+class _Training:
+    """What every model of one training run shares."""
+
+    cfg: ClassifyConfig
+    transform: Callable | None
+    meta: dict[str, Any]  # the checkpoint sidecar's common part
+    resume: bool
+    progress: bool
+
+
+def _fit_member(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) -> tuple[nn.Module, FitResult]:
     """Balance, augment and train one model on ``train``, keeping its best epoch on ``val``."""
+    cfg, meta = run.cfg, run.meta
     classes = meta["classes"]
     num_classes = max(len(classes), 2)
     seed_everything(cfg.seed)
@@ -233,7 +236,7 @@ def _fit_member(
     if distributed.is_main():
         with atomic_path(out / "balance.json") as tmp:
             tmp.write_text(json.dumps(balancing.report(classes), indent=2), encoding="utf-8")
-    dataset = CaseDataset(train, transform)
+    dataset = CaseDataset(train, run.transform)
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -251,9 +254,9 @@ def _fit_member(
         balancing.loss.to(cfg.device),
         validate,
         out,
-        loop_settings(cfg, progress),
+        loop_settings(cfg, run.progress),
         meta={**meta, "classify": cfg.model_dump(mode="json"), "balance": balancing.report(classes)},
-        resume=resume,
+        resume=run.resume,
     )
     return model, result
 
@@ -272,38 +275,25 @@ def _mean_history(histories: list[list[dict[str, float]]]) -> list[dict[str, flo
     return rows
 
 
-def _train_folds(
-    cfg: ClassifyConfig,
-    train: CaseArrays,
-    val: CaseArrays,
-    transform: Callable | None,
-    out: Path,
-    meta: dict[str, Any],
-    resume: bool,
-    progress: bool,
-) -> None:
+def _train_folds(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) -> None:
     """The cross-validation ensemble: one member per fold, each validated on its held-out fold.
 
     Writes ``fold<k>/`` per member, the ensemble ``checkpoint.pt``, ``oof_predictions.csv`` (each
     training case scored by the member that did not see it), the fold-mean ``history.csv`` and the
     whole training split's ``balance.json``.
     """
+    cfg, meta = run.cfg, run.meta
     members, histories, epochs = [], [], []
     oof = np.full(len(train.labels), np.nan)
     folds = fold_indices(train, cfg.folds, cfg.seed)
     for k, held in enumerate(folds):
         fit_on = np.setdiff1d(np.arange(len(train.labels)), held)
-        member_cfg = cfg.model_copy(update={"seed": cfg.seed * cfg.folds + k, "folds": 1})
-        model, result = _fit_member(
-            member_cfg,
-            train.subset(fit_on),
-            train.subset(held),
-            transform,
-            out / f"fold{k}",
-            {**meta, "folds": 1},
-            resume,
-            progress,
+        member = replace(
+            run,
+            cfg=cfg.model_copy(update={"seed": cfg.seed * cfg.folds + k, "folds": 1}),
+            meta={**meta, "folds": 1},
         )
+        model, result = _fit_member(member, train.subset(fit_on), train.subset(held), out / f"fold{k}")
         oof[held] = positive_probability(predict_proba(model, train.inputs[held], device=cfg.device))
         members.append(model)
         histories.append(result.history)
@@ -363,8 +353,9 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
         "preprocess": params.get("preprocess", config.preprocess.model_dump(mode="json")),
         "io": params.get("io", config.io.model_dump(mode="json")),
     }
+    run = _Training(cfg, transform, meta, resume, progress)
     if cfg.folds == 1:
-        _fit_member(cfg, train, val, transform, out, meta, resume, progress)
+        _fit_member(run, train, val, out)
     else:
-        _train_folds(cfg, train, val, transform, out, meta, resume, progress)
+        _train_folds(run, train, val, out)
     return out
