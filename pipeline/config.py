@@ -132,6 +132,7 @@ class ClassifyConfig(Section):
     # models, one per stratified, patient-grouped fold of the train split, each keeping its best epoch
     # on its held-out fold; their mean probability is the prediction (pipeline.train.classify).
     folds: int = Field(1, ge=1)
+    fold_workers: int = Field(1, ge=1)  # folds trained at once, in local processes (not under torchrun)
     # model
     encoder: Literal["conv", "resnet"] = "conv"
     features: int = Field(16, ge=1)

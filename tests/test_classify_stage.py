@@ -171,6 +171,17 @@ def test_fold_ensemble_trains_evaluates_and_predicts(trained, tmp_path):
     assert metrics["threshold_cases"] == {"val": 6, "out_of_fold": 24}
     path = run_predict_classify(out, root / "data" / "images" / "c00.nii.gz", tmp_path / "pred")
     assert next(csv.DictReader(path.open()))["status"] == "ok"
+    # folds trained two at a time in local processes give the same members
+    workers = config.classify.model_copy(update={"fold_workers": 2})
+    parallel = config.model_copy(update={"run": tmp_path / "parallel", "classify": workers})
+    (tmp_path / "parallel").mkdir()
+    (tmp_path / "parallel" / "preprocess").symlink_to(prep)
+    out = run_train_classify(parallel, progress=False)
+    again = list(csv.DictReader((out / "oof_predictions.csv").open()))
+    assert [r["fold"] for r in again] == [r["fold"] for r in oof]
+    assert [float(r["probability"]) for r in again] == pytest.approx(
+        [float(r["probability"]) for r in oof], abs=1e-3
+    )
 
 
 @pytest.mark.realdata

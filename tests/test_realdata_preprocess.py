@@ -12,8 +12,8 @@ import pytest
 from pipeline.config import load_config
 from pipeline.preprocess.cache import load_entry
 from pipeline.preprocess.intensity import DISTANCE_SCALE_MM
-from pipeline.preprocess.views import extract_views
 from pipeline.preprocess.stage import run_preprocess
+from pipeline.preprocess.views import extract_views
 
 CONFIGS = Path(__file__).resolve().parents[1] / "data_manifests"
 

@@ -12,7 +12,8 @@ trains on the other K - 1 and keeps its best epoch on its own fold (``RUN/classi
 ``checkpoint.pt`` holds all K as one ``Ensemble`` whose prediction is their mean probability. Every
 training case also gets an out-of-fold probability (``oof_predictions.csv``) from the member that
 never saw it: a held-out score for each of the training cases, which the evaluate stage can use to
-choose the decision threshold on far more cases than the val split has.
+choose the decision threshold on far more cases than the val split has. ``classify.fold_workers``
+trains that many folds at once in local processes, sharing the torch threads between them.
 
 Under ``torchrun`` it trains with DDP (``pipeline.train.distributed``): ``batch_size`` is per process,
 each rank draws its share of the balanced sampler (``weighted_sampler``: MONAI's
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -261,6 +264,13 @@ def _fit_member(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) -
     return model, result
 
 
+def _fit_fold(job: tuple[_Training, CaseArrays, CaseArrays, Path, int]) -> tuple[nn.Module, FitResult]:
+    """``_fit_member`` in a local process, with its share of the torch threads (top level: picklable)."""
+    *member, threads = job
+    torch.set_num_threads(threads)
+    return _fit_member(*member)
+
+
 def _mean_history(histories: list[list[dict[str, float]]]) -> list[dict[str, float]]:
     """Per epoch, the mean of every column over the folds that ran it (``seconds`` summed)."""
     rows = []
@@ -283,22 +293,34 @@ def _train_folds(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) 
     whole training split's ``balance.json``.
     """
     cfg, meta = run.cfg, run.meta
-    members, histories, epochs = [], [], []
-    oof = np.full(len(train.labels), np.nan)
     folds = fold_indices(train, cfg.folds, cfg.seed)
-    for k, held in enumerate(folds):
-        fit_on = np.setdiff1d(np.arange(len(train.labels)), held)
-        member = replace(
-            run,
-            cfg=cfg.model_copy(update={"seed": cfg.seed * cfg.folds + k, "folds": 1}),
-            meta={**meta, "folds": 1},
+    workers = 1 if distributed.is_distributed() else min(cfg.fold_workers, len(folds))
+    jobs = [
+        (
+            replace(
+                run,
+                cfg=cfg.model_copy(update={"seed": cfg.seed * cfg.folds + k, "folds": 1}),
+                meta={**meta, "folds": 1},
+                progress=run.progress and workers == 1,
+            ),
+            train.subset(np.setdiff1d(np.arange(len(train.labels)), held)),
+            train.subset(held),
+            out / f"fold{k}",
+            max(1, torch.get_num_threads() // workers),
         )
-        model, result = _fit_member(member, train.subset(fit_on), train.subset(held), out / f"fold{k}")
+        for k, held in enumerate(folds)
+    ]
+    if workers > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            results = list(pool.map(_fit_fold, jobs))
+    else:
+        results = [_fit_member(*job[:4]) for job in jobs]
+    oof = np.full(len(train.labels), np.nan)
+    for held, (model, _) in zip(folds, results, strict=True):
         oof[held] = positive_probability(predict_proba(model, train.inputs[held], device=cfg.device))
-        members.append(model)
-        histories.append(result.history)
-        epochs.append(result.best_epoch)
-    ensemble = Ensemble(members)
+    ensemble = Ensemble(model for model, _ in results)
+    histories, epochs = [r.history for _, r in results], [r.best_epoch for _, r in results]
     if not distributed.is_main():
         return
     val_metrics = split_metrics(val.labels, predict_proba(ensemble, val.inputs, device=cfg.device))
