@@ -69,6 +69,7 @@ BEST: dict[str, Any] = {
     "preprocess.views.distance": True,
     "classify.model": "cnn_lstm",
     "classify.folds": 5,
+    "classify.fold_workers": 2,  # two folds at a time, one thread each, on this 2-core machine
     "classify.epochs": 40,
     "classify.features": 16,
     "classify.pool": "avgmax",
