@@ -11,7 +11,13 @@ per seed on 2 cores.
 Defaults are the chosen configuration (selected on the val split only): the default 8-wide UNet at
 256² with soft masks, 80 epochs of cosine schedule run to the end (no early stopping; the best
 val epoch is kept), no EMA. 80 epochs beat 40 on val (seed 0: best val Dice 0.9870 vs 0.9858) and
-take about 8.5 s each on 2 quiet cores, so about 11 min.
+take about 7 s each on 2 quiet cores, so 9-10 min.
+
+Not adopted, judged on val: a 12-wide UNet (see ``pipeline/models/lung_unet.py``: +0.001, too slow
+for the speed goal), cropping to the lungs' box, and gating the post-processed mask by HU (keep
+only the filled, 0-2 px dilated region below -500...-200 HU, raw or smoothed): every variant
+lowered the mean val Dice of all 3 seeds (best 0.9867 against 0.9872), though it removes the shell
+of noisy soft tissue the net adds around the apical test slice ID_0175_Z_0165.
 
 Usage:
     python bench/lungseg_quality.py [--seeds 0 1 2] [--epochs 80] [--size 256] [--threads 2]
