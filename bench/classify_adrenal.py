@@ -164,10 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="classify_adrenal_"))
-    thickness = args.thickness or grid_size(args.data)
+    grid = grid_size(args.data)
+    thickness = args.thickness or grid
     best = {
         **BEST,
-        **BEST_BY_GRID.get(grid_size(args.data), {}),
+        **BEST_BY_GRID.get(grid, {}),
         **({"classify.epochs": args.epochs} if args.epochs else {}),
         **({"classify.folds": args.folds} if args.folds else {}),
     }

@@ -265,7 +265,7 @@ def _fit_member(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) -
 
 
 def _fit_fold(job: tuple[_Training, CaseArrays, CaseArrays, Path, int]) -> tuple[nn.Module, FitResult]:
-    """``_fit_member`` in a local process, with its share of the torch threads (top level: picklable)."""
+    """``_fit_member`` with its share of the torch threads (top level: picklable for a local process)."""
     *member, threads = job
     torch.set_num_threads(threads)
     return _fit_member(*member)
@@ -315,7 +315,7 @@ def _train_folds(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) 
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             results = list(pool.map(_fit_fold, jobs))
     else:
-        results = [_fit_member(*job[:4]) for job in jobs]
+        results = [_fit_fold(job) for job in jobs]
     oof = np.full(len(train.labels), np.nan)
     for held, (model, _) in zip(folds, results, strict=True):
         oof[held] = positive_probability(predict_proba(model, train.inputs[held], device=cfg.device))
