@@ -80,6 +80,10 @@ class ViewsConfig(Section):
     # Cut the views with everything outside the case's mask set to background: with mode max this
     # is a lung-only MIP, where a nodule stands out that a whole-chest projection hides.
     within_mask: bool = False
+    # With within_mask: also drop the mask's outer layer, every voxel within this many mm of a voxel
+    # outside it. Resampled edge voxels mix lung with chest wall, and a lung-only MIP shows that
+    # partial-volume rim as a bright outline around each lung.
+    mask_margin_mm: float = Field(0.0, ge=0)
     # For binary shape masks (intensity mode minmax; the shape is where the scaled image is >= 0.5):
     # also cut each view from the shape's distance map (each voxel's distance to the surface in mm,
     # pipeline.preprocess.intensity.surface_distance), as a second slab of the same slices after the

@@ -9,9 +9,11 @@ from pipeline.config import PreprocessConfig
 from pipeline.io import VolumeError, read_volume, save_nifti
 
 
-def _scan_with_two_blobs(tmp_path):
-    """A 40^3 volume: a 'lung' mask box holding one bright blob, a second blob outside the mask."""
+def _scan_with_two_blobs(tmp_path, rim: float = 0.0):
+    """A 40^3 volume: a 'lung' mask box holding one bright blob, a second blob outside the mask;
+    the mask's outer face i = 4 has the value ``rim``."""
     image = np.zeros((40, 40, 40), np.float32)
+    image[4, 4:20, 4:36] = rim
     image[8:12, 8:12, 18:22] = 100.0  # inside the mask
     image[28:32, 28:32, 18:22] = 100.0  # outside the mask
     mask = np.zeros(image.shape, np.uint8)
@@ -51,3 +53,22 @@ def test_within_mask_without_a_mask_is_a_clear_error(tmp_path):
     with pytest.raises(VolumeError, match=r"within_mask.*no mask") as err:
         preprocess_volume(image, None, cfg)
     assert "img.nii.gz" in str(err.value)
+
+
+@pytest.mark.parametrize("margin_mm", [0.0, 1.0])
+def test_mask_margin_drops_the_partial_volume_rim(tmp_path, margin_mm):
+    from pipeline.preprocess.stage import preprocess_volume
+
+    image, mask = _scan_with_two_blobs(tmp_path, rim=50.0)
+    cfg = PreprocessConfig(
+        spacing=(1.0, 1.0, 1.0),
+        shape=(40, 40, 40),
+        fit="pad",
+        crop_foreground=False,
+        intensity={"mode": "none"},
+        views={"mode": "max", "thickness": 100, "within_mask": True, "mask_margin_mm": margin_mm},
+    )
+    axial = preprocess_volume(image, mask, cfg)[0]["views"][0, 0]
+    # the face i = 4, j in 4..19 is drawn in column 35, rows 20..35; the blob inside stays
+    assert axial[20:36, 35].max() == (0.0 if margin_mm else 50.0)
+    assert axial[28:32, 28:32].max() == 100.0
