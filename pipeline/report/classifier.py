@@ -173,7 +173,14 @@ def _montage(run: RunFolder, figures: Figures) -> list:
     cache = {r["case_id"]: r["cache"] for r in run.csv("preprocess/cases.csv") if r.get("cache")}
     params = run.json("preprocess/params.json").get("preprocess", {})
     views = ViewsConfig.model_validate(params.get("views", {}))
-    channel = 0 if views.mode == "projections" else None  # the centre slice, not a projection
+    # projections have (centre slice, mean, max) channels: a MIP within the mask is where a nodule
+    # shows, a whole-body one is mostly bone, so then the centre slice
+    channel, shown = None, "the middle slice of each view"
+    if views.mode == "projections":
+        channel = 2 if views.within_mask else 0
+        shown = (
+            "the maximum-intensity projection within the mask" if views.within_mask else "the centre slice"
+        )
     picks = [(k, r) for k, r in montage_picks(pred) if r["case_id"] in cache]
     if not picks:
         raise ValueError("no test case with a cache entry to show")
@@ -190,8 +197,9 @@ def _montage(run: RunFolder, figures: Figures) -> list:
     absent = [CATEGORIES[k][1] + "s" for k in CATEGORIES if k not in {k for k, _ in picks}]
     caption = (
         "Examples from the test split in axial, coronal and sagittal views, as the model sees them "
-        "(radiological display: patient right on image left; anterior up in axial; superior up in coronal "
-        "and sagittal; anterior left in sagittal). p is the predicted probability of the positive class."
+        f"({shown}; radiological display: patient right on image left; anterior up in axial; "
+        "superior up in coronal and sagittal; anterior left in sagittal). "
+        "p is the predicted probability of the positive class."
         + (f" No {', '.join(absent)} in the test split." if absent else "")
     )
     return [
