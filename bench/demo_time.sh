@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Wall time of the full demo (every stage on a fresh 160-case phantom cohort) into a fresh run
+# Wall time of the full demo (every stage on a fresh 240-case phantom cohort) into a fresh run
 # folder. Goal (issue 5): <= 5 minutes on 2 cores. Usage: bench/demo_time.sh [RUN_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,6 @@
 """``medpipe demo``: every stage on a generated phantom cohort, into one run folder.
 
-Steps: synthesise a cohort (160 cases, 20% with a lung lesion) into ``RUN/cohort`` and a fresh,
+Steps: synthesise a cohort (240 cases, 20% with a lung lesion) into ``RUN/cohort`` and a fresh,
 unseen one into ``RUN/new_scans``; then preprocess, train + evaluate the classifier and the lung
 segmenter, predict on the new scans and write the report, through ``pipeline.workflow``. A rerun
 resumes (finished cases are skipped, cohorts are not rewritten). ``quick`` is the small variant the
@@ -36,6 +36,7 @@ def demo_config(run: Path, quick: bool) -> Config:
             "preprocess.shape": [48, 48, 48] if quick else [96, 96, 96],
             "preprocess.views.mode": "projections",
             "preprocess.views.within_mask": True,
+            "preprocess.views.mask_margin_mm": 3.0,  # one voxel: no bright partial-volume rim in the MIP
             "preprocess.workers": 2,
             "classify.epochs": 2 if quick else 30,
             "classify.pool": "avgmax",  # a nodule is a small local finding: keep the max response
@@ -53,7 +54,10 @@ def demo_config(run: Path, quick: bool) -> Config:
 def run_demo(run: Path = Path("runs/demo"), quick: bool = False) -> dict[str, float]:
     """Run the demo; return the wall time of each stage in seconds (all steps: ``RUN/timings.json``)."""
     start = time.perf_counter()
-    n, new, size, depth = (24, 4, 64, 40) if quick else (160, 12, None, None)
+    # 240 cases, not 160: scored on an independent 200-case phantom cohort (seed 5000, half positive),
+    # the classifier's AUC over training seeds 0-2 was 0.82 / 0.82 / 0.72 with 160 cases (22 positive
+    # training cases) and 0.95 / 0.89 / 0.91 with 240 (0.94 / 0.91 / 0.91 with mask_margin_mm 3).
+    n, new, size, depth = (24, 4, 64, 40) if quick else (240, 12, None, None)
     for folder, count, seed in ((run / "cohort", n, 0), (run / "new_scans", new, 1000)):
         if not (folder / "manifest.csv").is_file():
             write_cohort(folder, count, 0.2, size=size, depth=depth, seed=seed, progress=True, workers=2)
