@@ -25,20 +25,25 @@ def _scan_with_two_blobs(tmp_path, rim: float = 0.0):
     )
 
 
-@pytest.mark.parametrize("within_mask", [False, True])
-def test_max_projection_within_mask_hides_what_lies_outside(tmp_path, within_mask):
+def _axial_mip(tmp_path, rim: float = 0.0, **views) -> np.ndarray:
+    """The axial max projection (1 mm grid, no intensity change) of the two-blob scan."""
     from pipeline.preprocess.stage import preprocess_volume
 
-    image, mask = _scan_with_two_blobs(tmp_path)
+    image, mask = _scan_with_two_blobs(tmp_path, rim)
     cfg = PreprocessConfig(
         spacing=(1.0, 1.0, 1.0),
         shape=(40, 40, 40),
         fit="pad",
         crop_foreground=False,
         intensity={"mode": "none"},
-        views={"mode": "max", "thickness": 100, "within_mask": within_mask},
+        views={"mode": "max", "thickness": 100, **views},
     )
-    axial = preprocess_volume(image, mask, cfg)[0]["views"][0, 0]
+    return preprocess_volume(image, mask, cfg)[0]["views"][0, 0]
+
+
+@pytest.mark.parametrize("within_mask", [False, True])
+def test_max_projection_within_mask_hides_what_lies_outside(tmp_path, within_mask):
+    axial = _axial_mip(tmp_path, within_mask=within_mask)
     # Display: row = 39 - j, col = 39 - i, so the blob in the mask (i, j in 8..11) is drawn at
     # rows/cols 28..31 and the one outside it (i, j in 28..31) at rows/cols 8..11.
     assert axial[28:32, 28:32].max() == 100.0
@@ -57,18 +62,7 @@ def test_within_mask_without_a_mask_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("margin_mm", [0.0, 1.0])
 def test_mask_margin_drops_the_partial_volume_rim(tmp_path, margin_mm):
-    from pipeline.preprocess.stage import preprocess_volume
-
-    image, mask = _scan_with_two_blobs(tmp_path, rim=50.0)
-    cfg = PreprocessConfig(
-        spacing=(1.0, 1.0, 1.0),
-        shape=(40, 40, 40),
-        fit="pad",
-        crop_foreground=False,
-        intensity={"mode": "none"},
-        views={"mode": "max", "thickness": 100, "within_mask": True, "mask_margin_mm": margin_mm},
-    )
-    axial = preprocess_volume(image, mask, cfg)[0]["views"][0, 0]
+    axial = _axial_mip(tmp_path, rim=50.0, within_mask=True, mask_margin_mm=margin_mm)
     # the face i = 4, j in 4..19 is drawn in column 35, rows 20..35; the blob inside stays
     assert axial[20:36, 35].max() == (0.0 if margin_mm else 50.0)
     assert axial[28:32, 28:32].max() == 100.0
