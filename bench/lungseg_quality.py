@@ -20,7 +20,8 @@ lowered the mean val Dice of all 3 seeds (best 0.9867 against 0.9872), though it
 of noisy soft tissue the net adds around the apical test slice ID_0175_Z_0165.
 
 Usage:
-    python bench/lungseg_quality.py [--seeds 0 1 2] [--epochs 80] [--size 256] [--threads 2]
+    python bench/lungseg_quality.py [--seeds 0 1 2] [--epochs 80] [--size 256] [--channels 8 16 ...]
+        [--threads 2]
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
                 "size": args.size,
                 "patience": args.patience,
                 "ema_decay": args.ema_decay,
+                **({"channels": args.channels} if args.channels else {}),
             },
         }
     )
@@ -89,6 +91,7 @@ def main() -> None:
         "--ema-decay", type=float, default=None, help="validate and keep an EMA of the weights"
     )
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--channels", type=int, nargs="+", help="UNet widths (default: the config's)")
     parser.add_argument(
         "--evaluate-only",
         action="store_true",
