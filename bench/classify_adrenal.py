@@ -70,7 +70,7 @@ BEST: dict[str, Any] = {
     "preprocess.intensity.smooth_mm": 1.8,
     "preprocess.views.distance": True,
     "classify.model": "cnn_lstm",
-    "classify.folds": 4,  # two rounds of two: 5 folds take a third round with one core idle
+    "classify.folds": 4,
     "classify.fold_workers": 2,  # two folds at a time, one thread each, on this 2-core machine
     "classify.epochs": 40,
     "classify.features": 16,

@@ -54,9 +54,8 @@ def demo_config(run: Path, quick: bool) -> Config:
 def run_demo(run: Path = Path("runs/demo"), quick: bool = False) -> dict[str, float]:
     """Run the demo; return the wall time of each stage in seconds (all steps: ``RUN/timings.json``)."""
     start = time.perf_counter()
-    # 240 cases, not 160: scored on an independent 200-case phantom cohort (seed 5000, half positive),
-    # the classifier's AUC over training seeds 0-2 was 0.82 / 0.82 / 0.72 with 160 cases (22 positive
-    # training cases) and 0.95 / 0.89 / 0.91 with 240 (0.94 / 0.91 / 0.91 with mask_margin_mm 3).
+    # 240 cases, not 160: with 22 positive training cases the classifier's AUC on an independent
+    # phantom cohort swung 0.72-0.82 over seeds; with 240 it is 0.91-0.94 (bench/demo_classifier.py)
     n, new, size, depth = (24, 4, 64, 40) if quick else (240, 12, None, None)
     for folder, count, seed in ((run / "cohort", n, 0), (run / "new_scans", new, 1000)):
         if not (folder / "manifest.csv").is_file():

@@ -30,11 +30,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["VIEW_AXES", "center_index", "extract_views", "to_display"]
+__all__ = ["PROJECTION_CHANNELS", "VIEW_AXES", "center_index", "extract_views", "to_display"]
 
 # Per view, the RAS index axis it cuts across. The two axes left, in order, are the plane's
 # horizontal and vertical anatomical axes: axial (i, j), coronal (i, k), sagittal (j, k).
 VIEW_AXES = {"axial": 2, "coronal": 1, "sagittal": 0}
+# The channels of mode "projections", in order.
+PROJECTION_CHANNELS = ("slice", "mean", "max")
 
 
 def to_display(plane: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 
 from pipeline.config import ViewsConfig
 from pipeline.preprocess.cache import VIEW_NAMES, load_entry
+from pipeline.preprocess.views import PROJECTION_CHANNELS
 from pipeline.report import plots
 from pipeline.report.blocks import Cell, Figures, Note, Section, Table, cell, guard
 from pipeline.report.curves import training_curves
@@ -173,14 +174,13 @@ def _montage(run: RunFolder, figures: Figures) -> list:
     cache = {r["case_id"]: r["cache"] for r in run.csv("preprocess/cases.csv") if r.get("cache")}
     params = run.json("preprocess/params.json").get("preprocess", {})
     views = ViewsConfig.model_validate(params.get("views", {}))
-    # projections have (centre slice, mean, max) channels: a MIP within the mask is where a nodule
-    # shows, a whole-body one is mostly bone, so then the centre slice
+    # of the projections, a MIP within the mask is where a nodule shows; a whole-body MIP is mostly
+    # bone, so then the centre slice
     channel, shown = None, "the middle slice of each view"
-    if views.mode == "projections":
-        channel = 2 if views.within_mask else 0
-        shown = (
-            "the maximum-intensity projection within the mask" if views.within_mask else "the centre slice"
-        )
+    if views.mode == "projections" and views.within_mask:
+        channel, shown = PROJECTION_CHANNELS.index("max"), "the maximum-intensity projection within the mask"
+    elif views.mode == "projections":
+        channel, shown = PROJECTION_CHANNELS.index("slice"), "the centre slice"
     picks = [(k, r) for k, r in montage_picks(pred) if r["case_id"] in cache]
     if not picks:
         raise ValueError("no test case with a cache entry to show")
