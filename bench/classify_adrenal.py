@@ -78,11 +78,22 @@ BEST: dict[str, Any] = {
     "classify.flip_axes": [0, 1, 2],
     "classify.scale": 0.0,
     "classify.balance": "weighted_sampler",
+    "classify.affine_space": "volume",
+    "classify.affine_prob": 0.6,
+    "classify.rotate_degrees": 15.0,
 }
 # Per grid: at 64³ the view encoder's first convolution has stride 2, which quarters the encoder's
 # work (a 64² view then costs what a 32² one does); held-out-fold AUCs 0.86 / 0.87 / 0.91 / 0.88 /
 # 0.86 (best epoch per fold, seed 0, 11-slice slabs), in the range of the 28³ model's.
-BEST_BY_GRID: dict[int, dict[str, Any]] = {64: {"classify.stem_stride": 2}}
+# At 28³ the views hold every slice, so the volume behind them can be rotated in 3D and recut
+# (classify.affine_space: volume) instead of rotating each view in its own plane. Seeds 0 / 1, 4-fold
+# ensembles (bench/classify_adrenal_search.py; mean held-out-fold AUC, pooled out-of-fold AUC, val
+# AUC, val balanced ACC): per-view 2D, p 0.3, 10° (the previous BEST) 0.852 / 0.850, 0.845 / 0.795,
+# 0.866 / 0.871, 0.765 / 0.785; 3D, p 0.6, 15° 0.862 / 0.861, 0.858 / 0.857, 0.876 / 0.886, 0.788 /
+# 0.752. 3D with p 0.3, 10° (seed 0 only): 0.861, 0.830, 0.870, 0.737. The 64³ config cuts 11 of 64
+# slices, which cannot be recut after a rotation; it keeps the per-view affine.
+VIEW_AFFINE = {"classify.affine_space": "view", "classify.affine_prob": 0.3, "classify.rotate_degrees": 10.0}
+BEST_BY_GRID: dict[int, dict[str, Any]] = {64: {"classify.stem_stride": 2, **VIEW_AFFINE}}
 
 
 CONFIG = Path(__file__).resolve().parents[1] / "data_manifests" / "adrenalmnist3d.yaml"

@@ -1,6 +1,7 @@
 """Model selection for ``bench/classify_adrenal.py``, on the validation split only.
 
-Trains each named candidate configuration (overrides on top of the benchmark's ``BEST``) and prints,
+Trains each named candidate configuration (overrides on top of the benchmark's ``BEST`` and
+``BEST_BY_GRID``) and prints,
 averaged over ``--seeds``: for fold ensembles the mean AUC of the members on their held-out folds and
 the AUC of the pooled out-of-fold scores (both over all 1,188 training cases), then the ensemble's
 validation AUC and balanced accuracy. The evaluate stage also scores test into each run's
@@ -28,7 +29,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from classify_adrenal import BEST, DATA, grid_size, make_config, train_and_evaluate
+from classify_adrenal import BEST, BEST_BY_GRID, DATA, VIEW_AFFINE, grid_size, make_config, train_and_evaluate
 
 from pipeline.config import Config
 from pipeline.preprocess.stage import run_preprocess
@@ -44,6 +45,14 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "epochs60": {"classify.epochs": 60},
     "features32": {"classify.features": 32},
     "stem2": {"classify.stem_stride": 2},  # for 64³: every layer after the first on a 32² grid
+    # at 28³ BEST rotates the volume behind the views in 3D; these are the per-view 2D rotation
+    # it replaced and a milder 3D one
+    "view_affine": VIEW_AFFINE,
+    "volume_affine": {
+        "classify.affine_space": "volume",
+        "classify.affine_prob": 0.3,
+        "classify.rotate_degrees": 10.0,
+    },
 }
 
 
@@ -93,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
     thickness = args.thickness or grid_size(args.data)
+    best = {**BEST, **BEST_BY_GRID.get(grid_size(args.data), {})}
     out = args.out or Path(tempfile.mkdtemp(prefix="classify_adrenal_search_"))
     epochs = {"classify.epochs": args.epochs} if args.epochs else {}
     print(
@@ -109,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             out / f"prep_{args.mode}{thickness}{'_' + tag if tag else ''}",
             thickness,
             args.mode,
-            **{**BEST, **prep_overrides},
+            **{**best, **prep_overrides},
         )
         prep = run_preprocess(prep_cfg).resolve()
         results = [
@@ -119,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
                     out / f"{name}_seed{seed}",
                     thickness,
                     args.mode,
-                    **{**BEST, **overrides, **epochs, "classify.seed": seed},
+                    **{**best, **overrides, **epochs, "classify.seed": seed},
                 ),
                 prep,
             )

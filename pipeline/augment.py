@@ -9,11 +9,17 @@ slab order (C) of the sagittal view. Channels are reversed only for slab/slice v
 slices (``blocks``: the image's slab, then the distance map's), each is reversed in place. Then each
 view gets a small random rotation/scaling, and the stack intensity jitter and Gaussian noise.
 
+With ``affine_space: volume`` the rotation/scaling is one 3D affine of the volume instead, applied
+before the flips: for whole-volume slab views (every slice of a cube, ``slab_views_to_volume``) the
+volume is rebuilt from the axial view, transformed, and its three views cut again, so all three see
+the same tilted anatomy; per-view 2D rotations tilt each view about a different axis.
+
 Both chains are MONAI ``Randomizable``: seed them with ``set_random_state`` (the training dataset
 does this per item from the torch RNG, so runs are reproducible and resumable).
 
 Example:
-    >>> aug = view_augmentation(ClassifyConfig(), flip_channels=True).set_random_state(0)
+    >>> views = ViewsConfig(mode="slab", thickness=5)
+    >>> aug = view_augmentation(ClassifyConfig(), views, (28, 28, 28)).set_random_state(0)
     >>> aug(torch.zeros(3, 5, 28, 28)).shape
     torch.Size([3, 5, 28, 28])
 """
@@ -34,9 +40,18 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor
 
-from pipeline.config import ClassifyConfig
+from pipeline.config import ClassifyConfig, ViewsConfig
+from pipeline.preprocess.views import VIEW_AXES as CUT_AXIS
 
-__all__ = ["VIEW_AXES", "ViewAugment", "view_augmentation", "volume_augmentation"]
+__all__ = [
+    "VIEW_AXES",
+    "SlabVolumeAffine",
+    "ViewAugment",
+    "slab_views_to_volume",
+    "view_augmentation",
+    "volume_augmentation",
+    "volume_to_slab_views",
+]
 
 # For each view, the volume axes (i, j, k) that its (C, H, W) dimensions run along.
 VIEW_AXES = {"axial": (2, 1, 0), "coronal": (1, 2, 0), "sagittal": (0, 2, 1)}
@@ -63,24 +78,76 @@ def _affine(cfg: ClassifyConfig, dims: int) -> RandAffine:
     )
 
 
+def slab_views_to_volume(views: torch.Tensor, blocks: int = 1) -> torch.Tensor:
+    """The (blocks, X, Y, Z) RAS volume behind whole-volume slab views (3, blocks * D, D, D).
+
+    Inverse of ``volume_to_slab_views``, read from the axial view: its channel c, row r and column
+    q hold voxel (D-1-q, D-1-r, c) (``pipeline.preprocess.views.to_display``).
+    """
+    side = views.shape[-1]
+    return views[0].reshape(blocks, side, side, side).flip(-2, -1).permute(0, 3, 2, 1)
+
+
+def volume_to_slab_views(volume: torch.Tensor) -> torch.Tensor:
+    """(blocks, D, D, D) RAS volumes to (3, blocks * D, D, D) views: each block as ``extract_views``
+    cuts it with mode slab, thickness D, centred on the volume, the blocks one after another."""
+    side = volume.shape[-1]
+    planes = [
+        volume.movedim(CUT_AXIS[name] + 1, 1).flip(-2, -1).transpose(-1, -2).reshape(-1, side, side)
+        for name in VIEW_ORDER
+    ]
+    return torch.stack(planes)
+
+
+class SlabVolumeAffine(Randomizable):
+    """A random 3D rotation/scaling of the volume behind whole-volume slab views; the views recut."""
+
+    def __init__(self, cfg: ClassifyConfig, blocks: int = 1) -> None:
+        self.blocks = blocks
+        self.affine = _affine(cfg, 3)
+
+    def set_random_state(self, seed: int | None = None, state=None) -> SlabVolumeAffine:
+        super().set_random_state(seed, state)
+        self.affine.set_random_state(int(self.R.randint(2**31)))
+        return self
+
+    def randomize(self, data: object = None) -> None:
+        """The affine draws its own parameters."""
+
+    def __call__(self, views: torch.Tensor) -> torch.Tensor:
+        volume = slab_views_to_volume(convert_to_tensor(views, track_meta=False), self.blocks)
+        return volume_to_slab_views(convert_to_tensor(self.affine(volume), track_meta=False))
+
+
 class ViewAugment(Randomizable):
-    """Consistent random flips across views, then per-view affine, then intensity and noise."""
+    """Consistent random flips across views, then per-view affine, then intensity and noise.
+
+    With ``volume_affine`` the affine is a 3D one of the whole volume, before the flips
+    (``SlabVolumeAffine``: whole-volume slab views only).
+    """
 
     def __init__(
-        self, cfg: ClassifyConfig, flip_channels: bool = True, flip_prob: float = 0.5, blocks: int = 1
+        self,
+        cfg: ClassifyConfig,
+        flip_channels: bool = True,
+        flip_prob: float = 0.5,
+        blocks: int = 1,
+        volume_affine: bool = False,
     ) -> None:
         self.flip_axes = tuple(cfg.flip_axes)
         self.flip_channels = flip_channels
         self.flip_prob = flip_prob
         self.blocks = blocks
-        self.affine = _affine(cfg, 2)
+        self.volume_affine = SlabVolumeAffine(cfg, blocks) if volume_affine else None
+        self.affine = None if volume_affine else _affine(cfg, 2)
         self.intensity = Compose(_intensity(cfg))
         self._flips: tuple[int, ...] = ()
 
     def set_random_state(self, seed: int | None = None, state=None) -> ViewAugment:
         super().set_random_state(seed, state)
-        self.affine.set_random_state(int(self.R.randint(2**31)))
-        self.intensity.set_random_state(int(self.R.randint(2**31)))
+        for step in (self.volume_affine, self.affine, self.intensity):
+            if step is not None:
+                step.set_random_state(int(self.R.randint(2**31)))
         return self
 
     def randomize(self, data: object = None) -> None:
@@ -98,14 +165,37 @@ class ViewAugment(Randomizable):
 
     def __call__(self, views: torch.Tensor) -> torch.Tensor:
         self.randomize()
-        views = self.flip(convert_to_tensor(views, track_meta=False), self._flips)
-        views = torch.stack([convert_to_tensor(self.affine(v), track_meta=False) for v in views])
+        views = convert_to_tensor(views, track_meta=False)
+        if self.volume_affine is not None:
+            views = self.volume_affine(views)
+        views = self.flip(views, self._flips)
+        if self.affine is not None:
+            views = torch.stack([convert_to_tensor(self.affine(v), track_meta=False) for v in views])
         return convert_to_tensor(self.intensity(views), track_meta=False)
 
 
-def view_augmentation(cfg: ClassifyConfig, flip_channels: bool = True, blocks: int = 1) -> ViewAugment:
-    """The augmentation chain for (V, C, H, W) view stacks whose C holds ``blocks`` equal slabs."""
-    return ViewAugment(cfg, flip_channels, blocks=blocks)
+def whole_volume_slabs(views: ViewsConfig, shape: tuple[int, ...]) -> bool:
+    """Whether the views are every slice of a cube as slabs, so the volume can be rebuilt from them."""
+    return (
+        views.mode == "slab"
+        and views.center == "volume"
+        and len(set(shape)) == 1
+        and views.thickness == shape[0]
+    )
+
+
+def view_augmentation(cfg: ClassifyConfig, views: ViewsConfig, shape: tuple[int, ...]) -> ViewAugment:
+    """The augmentation chain for (V, C, H, W) view stacks cut by ``views`` from ``shape`` volumes."""
+    volume_affine = cfg.affine_space == "volume"
+    if volume_affine and not whole_volume_slabs(views, shape):
+        raise ValueError(
+            "classify.affine_space 'volume' needs views that hold the whole volume: preprocess.shape a "
+            f"cube and views mode 'slab', center 'volume', thickness = its side; got shape {list(shape)}, "
+            f"mode {views.mode!r}, center {views.center!r}, thickness {views.thickness}"
+        )
+    return ViewAugment(
+        cfg, flip_channels=views.mode in ("slice", "slab"), blocks=views.blocks, volume_affine=volume_affine
+    )
 
 
 def volume_augmentation(cfg: ClassifyConfig) -> Compose:

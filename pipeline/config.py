@@ -166,6 +166,9 @@ class ClassifyConfig(Section):
     affine_prob: float = Field(0.3, ge=0, le=1)
     rotate_degrees: float = Field(10.0, ge=0)
     scale: float = Field(0.1, ge=0)
+    # view: a 2D rotation/scaling per view; volume: one 3D affine of the volume, its views recut
+    # (whole-volume slab views only, pipeline.augment.SlabVolumeAffine)
+    affine_space: Literal["view", "volume"] = "view"
     intensity_prob: float = Field(0.0, ge=0, le=1)
     noise_std: float = Field(0.0, ge=0)
     # evaluation

@@ -7,9 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import view_augmentation, volume_augmentation
+from pipeline.augment import (
+    ViewAugment,
+    slab_views_to_volume,
+    view_augmentation,
+    volume_augmentation,
+    volume_to_slab_views,
+)
 from pipeline.balance import STRATEGIES, balance
-from pipeline.config import ClassifyConfig
+from pipeline.config import ClassifyConfig, ViewsConfig
 from pipeline.preprocess.views import extract_views
 
 LABELS = np.array([0] * 90 + [1] * 10)
@@ -89,7 +95,7 @@ def test_view_flip_matches_views_of_the_flipped_volume(mode, axes):
     rng = np.random.default_rng(0)
     volume = rng.random((9, 11, 13)).astype(np.float32)
     center = (4, 5, 6)  # the middle voxel: a flip maps the cut planes onto themselves
-    aug = view_augmentation(ClassifyConfig(), flip_channels=mode == "slab")
+    aug = ViewAugment(ClassifyConfig(), flip_channels=mode == "slab")
     flipped = torch.from_numpy(extract_views(np.flip(volume, axes).copy(), center, mode, 3))
     assert torch.allclose(aug.flip(torch.from_numpy(extract_views(volume, center, mode, 3)), axes), flipped)
 
@@ -106,14 +112,48 @@ def test_view_flip_keeps_stacked_slabs_apart(axes):
             np.concatenate([extract_views(a, center, "slab", 5), extract_views(b, center, "slab", 5)], 1)
         )
 
-    aug = view_augmentation(ClassifyConfig(), flip_channels=True, blocks=2)
+    aug = ViewAugment(ClassifyConfig(), flip_channels=True, blocks=2)
     expected = views(np.flip(image, axes).copy(), np.flip(other, axes).copy())
     assert torch.equal(aug.flip(views(image, other), axes), expected)
 
 
+@pytest.mark.parametrize("side", [7, 8])
+def test_whole_volume_slab_views_round_trip_through_the_volume(side):
+    """The views rebuilt from a volume equal extract_views' cut of every slice, block by block."""
+    rng = np.random.default_rng(2)
+    image, other = rng.random((2, side, side, side)).astype(np.float32)
+    expected = np.concatenate([extract_views(v, None, "slab", side) for v in (image, other)], axis=1)
+    views = volume_to_slab_views(torch.from_numpy(np.stack([image, other])))
+    assert torch.equal(views, torch.from_numpy(expected))
+    assert torch.equal(slab_views_to_volume(views, blocks=2), torch.from_numpy(np.stack([image, other])))
+
+
+def test_volume_affine_rotates_the_anatomy_behind_all_three_views():
+    """A 3D rotation moves an off-centre blob in the volume; the views are recut from that volume."""
+    side = 16
+    volume = np.zeros((side, side, side), np.float32)
+    volume[11:14, 7:10, 7:10] = 1.0  # right of centre along i only
+    views = torch.from_numpy(extract_views(volume, None, "slab", side))
+    cfg = ClassifyConfig(affine_space="volume", affine_prob=1.0, rotate_degrees=45.0, scale=0.0, flip_axes=())
+    aug = view_augmentation(cfg, ViewsConfig(mode="slab", thickness=side), (side,) * 3)
+    moved = [aug.set_random_state(seed)(views) for seed in range(4)]
+    for out in moved:
+        rebuilt = slab_views_to_volume(out).numpy()[0]
+        assert torch.allclose(volume_to_slab_views(torch.from_numpy(rebuilt)[None]), out)
+        assert rebuilt.sum() == pytest.approx(volume.sum(), rel=0.15)  # rotated, not cut off
+    centroids = [np.argwhere(slab_views_to_volume(out).numpy()[0] > 0.5).mean(axis=0) for out in moved]
+    assert max(np.abs(c - [12, 8, 8]).max() for c in centroids) > 1.0  # the blob left its place
+
+
+def test_volume_affine_needs_whole_volume_slab_views():
+    cfg = ClassifyConfig(affine_space="volume")
+    with pytest.raises(ValueError, match="thickness 5"):
+        view_augmentation(cfg, ViewsConfig(mode="slab", thickness=5), (28, 28, 28))
+
+
 def test_view_augmentation_is_seeded_and_varies():
     views = torch.rand(3, 3, 16, 16)
-    aug = view_augmentation(ClassifyConfig(affine_prob=1.0, noise_std=0.05))
+    aug = view_augmentation(ClassifyConfig(affine_prob=1.0, noise_std=0.05), ViewsConfig(), (16, 16, 16))
     first = aug.set_random_state(1)(views)
     assert torch.equal(first, aug.set_random_state(1)(views))
     assert not torch.equal(first, aug.set_random_state(2)(views)) and first.shape == views.shape

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.augment import view_augmentation, volume_augmentation
 from pipeline.balance import balance
 from pipeline.checkpoint import save_checkpoint
-from pipeline.config import ClassifyConfig, Config, PreprocessConfig, ViewsConfig, save_config
+from pipeline.config import ClassifyConfig, Config, PreprocessConfig, save_config
 from pipeline.io import atomic_path
 from pipeline.models import build_model, model_spec
 from pipeline.models.ensemble import Ensemble
@@ -201,11 +201,11 @@ def fold_indices(data: CaseArrays, folds: int, seed: int) -> list[np.ndarray]:
     return [held for _, held in splitter.split(data.inputs[:, :0], data.labels, groups)]
 
 
-def _augmentation(cfg: ClassifyConfig, input_key: str, views: ViewsConfig) -> Callable | None:
+def _augmentation(cfg: ClassifyConfig, input_key: str, preprocess: PreprocessConfig) -> Callable | None:
     if not cfg.augment:
         return None
     if input_key == "views":
-        return view_augmentation(cfg, flip_channels=views.mode in ("slice", "slab"), blocks=views.blocks)
+        return view_augmentation(cfg, preprocess.views, preprocess.shape)
     return volume_augmentation(cfg)
 
 
@@ -362,7 +362,7 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
     preprocess = (
         PreprocessConfig.model_validate(params["preprocess"]) if "preprocess" in params else config.preprocess
     )
-    transform = _augmentation(cfg, spec.input, preprocess.views)
+    transform = _augmentation(cfg, spec.input, preprocess)
     if distributed.is_main():
         save_config(config, out / "config.yaml")
     meta = {
