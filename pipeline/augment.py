@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.transforms import (
     Compose,
     RandAffine,
@@ -38,6 +40,7 @@ from monai.transforms import (
     RandScaleIntensity,
     RandShiftIntensity,
 )
+from monai.transforms.utils import create_rotate, create_scale
 from monai.utils import convert_to_tensor
 
 from pipeline.config import ClassifyConfig, ViewsConfig
@@ -100,23 +103,37 @@ def volume_to_slab_views(volume: torch.Tensor) -> torch.Tensor:
 
 
 class SlabVolumeAffine(Randomizable):
-    """A random 3D rotation/scaling of the volume behind whole-volume slab views; the views recut."""
+    """A random 3D rotation/scaling of the volume behind whole-volume slab views; the views recut.
+
+    The same draw as MONAI ``RandAffine`` (with probability ``affine_prob``: angles uniform in
+    +-``rotate_degrees`` about each axis, zooms in 1 +- ``scale``; matrices from MONAI's
+    ``create_rotate``/``create_scale``), resampled with one ``grid_sample`` call: RandAffine's own
+    bookkeeping took two thirds of its 2 ms per 28³ case, a third of a training epoch.
+    """
 
     def __init__(self, cfg: ClassifyConfig, blocks: int = 1) -> None:
         self.blocks = blocks
-        self.affine = _affine(cfg, 3)
-
-    def set_random_state(self, seed: int | None = None, state=None) -> SlabVolumeAffine:
-        super().set_random_state(seed, state)
-        self.affine.set_random_state(int(self.R.randint(2**31)))
-        return self
+        self.prob = cfg.affine_prob
+        self.angle = math.radians(cfg.rotate_degrees)
+        self.scale = cfg.scale
+        self._matrix: np.ndarray | None = None
 
     def randomize(self, data: object = None) -> None:
-        """The affine draws its own parameters."""
+        self._matrix = None
+        if self.R.rand() < self.prob:
+            angles = self.R.uniform(-self.angle, self.angle, 3)
+            zooms = 1.0 + self.R.uniform(-self.scale, self.scale, 3)
+            self._matrix = create_rotate(3, angles) @ create_scale(3, zooms)
 
     def __call__(self, views: torch.Tensor) -> torch.Tensor:
-        volume = slab_views_to_volume(convert_to_tensor(views, track_meta=False), self.blocks)
-        return volume_to_slab_views(convert_to_tensor(self.affine(volume), track_meta=False))
+        self.randomize()
+        views = convert_to_tensor(views, track_meta=False)
+        if self._matrix is None:
+            return views
+        volume = slab_views_to_volume(views, self.blocks)[None]
+        theta = torch.as_tensor(self._matrix[:3], dtype=volume.dtype)[None]
+        grid = F.affine_grid(theta, list(volume.shape), align_corners=False)
+        return volume_to_slab_views(F.grid_sample(volume, grid, padding_mode="zeros", align_corners=False)[0])
 
 
 class ViewAugment(Randomizable):
