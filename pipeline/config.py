@@ -23,6 +23,7 @@ __all__ = [
     "DataConfig",
     "IOConfig",
     "IntensityConfig",
+    "Precision",
     "PredictConfig",
     "PreprocessConfig",
     "SegmentConfig",
@@ -30,6 +31,9 @@ __all__ = [
     "load_config",
     "save_config",
 ]
+
+# a net's numeric precision (pipeline.train.precision): "auto" is bfloat16 where the CPU runs it natively
+Precision = Literal["auto", "float32", "bfloat16"]
 
 
 class Section(BaseModel):
@@ -154,6 +158,7 @@ class ClassifyConfig(Section):
     patience: int | None = Field(10, ge=1)
     monitor: Literal["auc", "balanced_accuracy", "accuracy"] = "auc"
     ema_decay: float | None = Field(None, gt=0, lt=1)  # validate/save an EMA of the weights
+    train_precision: Precision = "float32"  # of the training forward pass; predictions are float32
     # class balancing (pipeline.balance) and augmentation (pipeline.augment)
     balance: Literal[
         "none", "weighted_sampler", "oversample_augment", "undersample", "class_weighted_loss", "focal"
@@ -194,6 +199,7 @@ class SegmentConfig(Section):
     channels: tuple[int, ...] = (8, 16, 32, 64, 128)
     num_res_units: int = Field(2, ge=0)
     dropout: float = Field(0.0, ge=0, lt=1)
+    precision: Precision = "auto"  # of the net, in training, validation and inference
     # optimisation (pipeline.train.loop); early stopping on validation Dice
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)

@@ -20,12 +20,12 @@ import torch
 
 from pipeline.config import Config
 from pipeline.evaluate.segmentation import case_metrics, run_evaluate_segment
-from pipeline.infer.segment import run_predict_segment
+from pipeline.infer.segment import load_segmenter, run_predict_segment
 from pipeline.manifest import Case
 from pipeline.segment.postprocess import LEFT, RIGHT, lung_volumes, postprocess
 from pipeline.segment.slices import SliceParams, crop_resize, prepare_slices, restore_slices
 from pipeline.synth import generate_case
-from pipeline.train.segment import load_slices, run_train_segment
+from pipeline.train.segment import axial_stack, load_slices, predict_slices, run_train_segment
 
 SHAPE = (64, 64, 12)
 SPACING = (5.0, 5.0, 10.0)
@@ -257,6 +257,17 @@ def test_prediction_keeps_the_input_grid_and_finds_the_lungs(trained, tmp_path, 
     assert rows[0]["status"] == "ok"
     voxel_ml = abs(np.linalg.det(case.affine[:3, :3])) / 1000
     assert float(rows[0]["right_ml"]) == pytest.approx((labels == RIGHT).sum() * voxel_ml, abs=1e-3)
+
+
+def test_bfloat16_inference_matches_float32(trained):
+    model = load_segmenter(trained.run_dir / "segment").model
+    case = synth_case(300)
+    params = SliceParams(size=64, window=(-1024.0, 600.0), body_threshold=-500.0)
+    images = prepare_slices(np.ascontiguousarray(axial_stack(case.image, case.affine)), params).images
+    full, half = (predict_slices(model, images, 8, p) for p in ("float32", "bfloat16"))
+    assert half.dtype == torch.float32 and (full > 0).sum() > 1000
+    assert not torch.equal(full, half)  # bfloat16 really ran
+    assert ((full > 0) == (half > 0)).float().mean() > 0.995
 
 
 def test_single_slice_input_gives_a_valid_mask(trained, tmp_path):

@@ -33,7 +33,14 @@ class Interrupted(Exception):
     pass
 
 
-def _run(out, epochs: int, resume: bool = False, crash_after: int | None = None, ema: float | None = None):
+def _run(
+    out,
+    epochs: int,
+    resume: bool = False,
+    crash_after: int | None = None,
+    ema: float | None = None,
+    precision: str = "float32",
+):
     torch.manual_seed(123)  # model init; the loop seeds everything else itself
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
     ds = _data()
@@ -46,7 +53,9 @@ def _run(out, epochs: int, resume: bool = False, crash_after: int | None = None,
             raise Interrupted
         return accuracy(model)
 
-    settings = LoopSettings(epochs=epochs, lr=0.05, monitor="acc", seed=7, progress=False, ema_decay=ema)
+    settings = LoopSettings(
+        epochs=epochs, lr=0.05, monitor="acc", seed=7, progress=False, ema_decay=ema, precision=precision
+    )
     result = fit(
         model,
         train,
@@ -73,6 +82,24 @@ def test_fit_learns_and_writes_outputs(tmp_path):
     for key, value in model.state_dict().items():  # the model holds the best weights on return
         assert torch.equal(value, state[key])
     assert any((tmp_path / "tb").iterdir())
+
+
+def test_bfloat16_forward_learns_with_float32_weights(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(nn.Linear, "forward", _recording(nn.Linear.forward, seen))
+    model, result = _run(tmp_path, epochs=6, precision="bfloat16")
+    assert result.best_metric >= 0.9
+    assert torch.bfloat16 in seen and torch.float32 in seen  # bf16 in training, fp32 in validation
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def _recording(forward, seen: list):
+    def wrapped(self, x):
+        out = forward(self, x)
+        seen.append(out.dtype)
+        return out
+
+    return wrapped
 
 
 @pytest.mark.parametrize("ema", [None, 0.9])

@@ -94,11 +94,11 @@ def segment_volume(
     prepared = prepare_slices(stack, segmenter.params)
     start = _tick(timings, "prepare", start)
     with torch.inference_mode():
-        scores = predict_slices(segmenter.model, prepared.images, segmenter.settings.infer_batch)
+        s = segmenter.settings
+        scores = predict_slices(segmenter.model, prepared.images, s.infer_batch, s.precision)
     start = _tick(timings, "net", start)
     lungs = restore_slices(scores, prepared.boxes, stack.shape[1:])
     start = _tick(timings, "restore", start)
-    s = segmenter.settings
     labels = postprocess(
         from_canonical(lungs.transpose(1, 2, 0), affine),
         affine,

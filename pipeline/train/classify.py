@@ -183,6 +183,7 @@ def loop_settings(cfg: ClassifyConfig, progress: bool = True) -> LoopSettings:
         ema_decay=cfg.ema_decay,
         seed=cfg.seed,
         device=cfg.device,
+        precision=cfg.train_precision,
         progress=progress,
     )
 

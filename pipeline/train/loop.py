@@ -11,6 +11,9 @@ early after ``patience`` epochs without improvement, and writes into ``out_dir``
 - ``history.csv``: epoch, train_loss, every validation metric, lr, seconds;
 - ``tb/``: TensorBoard event files with the same scalars.
 
+``precision="bfloat16"`` runs the training forward pass under bfloat16 autocast
+(``pipeline.train.precision``); the loss, gradients and weights stay float32.
+
 Under ``torchrun`` (``pipeline.train.distributed``) the model trains in DistributedDataParallel and
 the loader's distributed sampler is reseeded every epoch; ``train_loss`` is the mean over the ranks.
 Rank 0 alone validates, on the full validation set, and hands the metrics to every rank, so all
@@ -51,8 +54,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from pipeline.checkpoint import load_state, save_checkpoint, save_state, sidecar_path
+from pipeline.config import Precision
 from pipeline.io import atomic_path
 from pipeline.train import distributed
+from pipeline.train.precision import autocast
 
 __all__ = [
     "FitResult",
@@ -85,6 +90,7 @@ class LoopSettings:
     ema_decay: float | None = None  # keep an exponential moving average of the weights; validate and save it
     seed: int = 0
     device: str = "cpu"
+    precision: Precision = "float32"  # of the training forward pass (pipeline.train.precision)
     progress: bool = True
 
 
@@ -195,7 +201,9 @@ def _train_epoch(
     for batch in loader:
         inputs, targets = (_to(v, device) for v in unpack(batch))
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(inputs), targets)
+        with autocast(s.precision, device.type):
+            outputs = model(inputs)
+        loss = loss_fn(outputs.float(), targets)
         loss.backward()
         if s.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)

@@ -8,8 +8,10 @@ with soft masks (each working-grid pixel's lung fraction; lung outside the body 
 Training uses MONAI ``DiceCELoss`` on (background, lung) probabilities and Rand* augmentation
 (affine, left-right flip, intensity scale and shift, Gaussian noise), through the shared loop
 (``pipeline.train.loop.fit``), optionally with an EMA of the weights, early-stopping on the
-validation Dice at the working resolution. Writes ``RUN/segment/{checkpoint.pt, checkpoint.json,
-last_state.pt, history.csv, config.yaml, splits.csv, tb/}``.
+validation Dice at the working resolution. ``segment.precision`` sets the net's forward pass in
+training, validation and inference alike (``auto``: bfloat16 autocast where the CPU supports it).
+Writes ``RUN/segment/{checkpoint.pt, checkpoint.json, last_state.pt, history.csv, config.yaml,
+splits.csv, tb/}``.
 
 Example:
     >>> out = run_train_segment(load_config("cfg.yaml"))      # doctest: +SKIP
@@ -38,13 +40,14 @@ from monai.utils import convert_to_tensor
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from pipeline.config import Config, SegmentConfig, save_config
+from pipeline.config import Config, Precision, SegmentConfig, save_config
 from pipeline.io import atomic_path, read_volume
 from pipeline.manifest import Case, assign_splits, read_manifest
 from pipeline.models.lung_unet import build_lung_unet
 from pipeline.segment.slices import SliceParams, crop_resize, prepare_slices, to_canonical
 from pipeline.train import distributed
 from pipeline.train.loop import LoopSettings, fit, seed_everything
+from pipeline.train.precision import autocast
 
 __all__ = [
     "SliceSet",
@@ -168,12 +171,15 @@ class _PairDataset(Dataset):
 
 
 @torch.no_grad()
-def predict_slices(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Foreground scores (logit difference lung − background), (N, 1, n, n); > 0 means lung."""
+def predict_slices(
+    model: nn.Module, images: torch.Tensor, batch_size: int, precision: Precision = "float32"
+) -> torch.Tensor:
+    """Foreground scores (logit difference lung − background), (N, 1, n, n) float32; > 0 means lung."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        logits = model(images[start : start + batch_size])
+        with autocast(precision):
+            logits = model(images[start : start + batch_size]).float()
         out.append(logits[:, 1:2] - logits[:, 0:1])
     return torch.cat(out)
 
@@ -185,9 +191,11 @@ def slice_dice(scores: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
     return dice[:, 0].numpy()
 
 
-def _validator(data: SliceSet, batch_size: int) -> Callable[[nn.Module], dict[str, float]]:
+def _validator(
+    data: SliceSet, batch_size: int, precision: Precision
+) -> Callable[[nn.Module], dict[str, float]]:
     def validate(model: nn.Module) -> dict[str, float]:
-        dice = slice_dice(predict_slices(model, data.images, batch_size), data.masks)
+        dice = slice_dice(predict_slices(model, data.images, batch_size, precision), data.masks)
         return {"dice": float(dice.mean()), "dice_min": float(dice.min())}
 
     return validate
@@ -231,6 +239,7 @@ def run_train_segment(config: Config, resume: bool = False) -> Path:
         monitor="dice",
         ema_decay=cfg.ema_decay,
         seed=cfg.seed,
+        precision=cfg.precision,
     )
     meta = {
         "task": "segment",
@@ -244,7 +253,7 @@ def run_train_segment(config: Config, resume: bool = False) -> Path:
         model,
         loader,
         DiceCELoss(softmax=True),
-        _validator(val, cfg.infer_batch * 4),
+        _validator(val, cfg.infer_batch * 4, cfg.precision),
         out,
         settings,
         meta=meta,
