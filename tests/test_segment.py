@@ -214,6 +214,21 @@ def test_postprocess_keeps_largest_components_and_splits_fused_lungs():
     assert (labels[2:20, 5:15, 2:8] == LEFT).all() and (labels[20:38, 5:15, 2:8] == RIGHT).all()
 
 
+def test_postprocess_fills_small_holes_in_every_slice_but_not_large_ones():
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    solid = np.zeros((30, 30, 40), np.uint8)
+    solid[5:25, 5:25] = 1
+    expected = solid.copy()
+    expected[8:22, 8:22, 20:25] = 0  # 196 mm² per slice: larger than max_hole_mm2, kept
+    expected[5:10, 14:16, :] = 0  # a notch open to the outside of every slice: not a hole
+    mask = expected.copy()
+    for k in (0, 15, 16, 31, 39):  # small holes on both sides of the labelling's 16-slice slabs
+        mask[12 : 12 + k % 3 + 1, 17:19, k] = 0
+    labels = postprocess(mask, affine, keep=1, max_hole_mm2=150.0, label_sides=False)
+    assert (mask != expected).sum() > 0
+    assert np.array_equal(labels, expected)
+
+
 def test_lung_volume_is_voxel_count_times_voxel_volume():
     affine = grid_affine(rotation(20, 0), spacing=(0.7, 0.8, 2.5))
     labels = np.zeros(SHAPE, np.uint8)

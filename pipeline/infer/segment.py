@@ -81,6 +81,23 @@ def _tick(timings: MutableMapping[str, float] | None, stage: str, start: float) 
     return now
 
 
+def _lungs_and_body(
+    segmenter: Segmenter, stack: np.ndarray, timings: MutableMapping[str, float] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Binary lung and body masks (S, H, W) of an axial stack. The net's inputs and scores are
+    freed on return, so post-processing reuses their memory instead of touching fresh pages."""
+    start = time.perf_counter()
+    prepared = prepare_slices(stack, segmenter.params)
+    start = _tick(timings, "prepare", start)
+    s = segmenter.settings
+    with torch.inference_mode():
+        scores = predict_slices(segmenter.model, prepared.images, s.infer_batch, s.precision)
+    start = _tick(timings, "net", start)
+    lungs = restore_slices(scores, prepared.boxes, stack.shape[1:])
+    _tick(timings, "restore", start)
+    return lungs, prepared.body
+
+
 def segment_volume(
     segmenter: Segmenter, volume: Volume, timings: MutableMapping[str, float] | None = None
 ) -> np.ndarray:
@@ -88,21 +105,14 @@ def segment_volume(
 
     ``timings``, if given, accumulates seconds per stage: prepare, net, restore, postprocess.
     """
-    start = time.perf_counter()
     affine = volume.affine
-    stack = axial_stack(volume.array, affine)
-    prepared = prepare_slices(stack, segmenter.params)
-    start = _tick(timings, "prepare", start)
-    with torch.inference_mode():
-        s = segmenter.settings
-        scores = predict_slices(segmenter.model, prepared.images, s.infer_batch, s.precision)
-    start = _tick(timings, "net", start)
-    lungs = restore_slices(scores, prepared.boxes, stack.shape[1:])
-    start = _tick(timings, "restore", start)
+    lungs, body = _lungs_and_body(segmenter, axial_stack(volume.array, affine), timings)
+    start = time.perf_counter()
+    s = segmenter.settings
     labels = postprocess(
         from_canonical(lungs.transpose(1, 2, 0), affine),
         affine,
-        from_canonical(prepared.body.transpose(1, 2, 0), affine),
+        from_canonical(body.transpose(1, 2, 0), affine),
         image=volume.array,
         keep=s.keep_components,
         max_hole_mm2=s.max_hole_mm2,
