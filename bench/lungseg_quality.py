@@ -8,13 +8,14 @@ worst slice, the worst three slices and the training time, and writes ``summary.
 Goals (issue 4): mean ≥ 0.988, median ≥ 0.991, worst slice ≥ 0.95 in every seed, ≤ 15 min training
 per seed on 2 cores.
 
-Defaults are the chosen configuration (selected on the val split only): the default 8-wide UNet at
-256² with soft masks, 80 epochs of cosine schedule run to the end (no early stopping; the best
-val epoch is kept), no EMA. 80 epochs beat 40 on val (seed 0: best val Dice 0.9870 vs 0.9858) and
-take about 7 s each on 2 quiet cores, so 9-10 min.
+Defaults are the chosen configuration (selected on the val split only): the default 16-wide UNet at
+256² with soft masks, trained and run under bfloat16 autocast (``segment.precision: auto``), 80
+epochs of cosine schedule run to the end (no early stopping; the best val epoch is kept), no EMA.
+80 epochs beat 40 on val (seed 0, 8-wide net: best val Dice 0.9870 vs 0.9858); an epoch of the
+16-wide net in bfloat16 takes 7-9 s on 2 cores, so 11-12 min. The 16-wide net was the best width on
+val (``pipeline/models/lung_unet.py``); until bfloat16 it was too slow for the speed goal.
 
-Not adopted, judged on val: a 12-wide UNet (see ``pipeline/models/lung_unet.py``: +0.001, too slow
-for the speed goal), cropping to the lungs' box, and gating the post-processed mask by HU (keep
+Not adopted, judged on val: cropping to the lungs' box, and gating the post-processed mask by HU (keep
 only the filled, 0-2 px dilated region below -500...-200 HU, raw or smoothed): every variant
 lowered the mean val Dice of all 3 seeds (best 0.9867 against 0.9872), though it removes the shell
 of noisy soft tissue the net adds around the apical test slice ID_0175_Z_0165.
@@ -25,8 +26,7 @@ negatives balance (28.6k / 27.9k), and moving the score threshold off 0 lowers t
 (0.9875 at 0; 0.9871 / 0.9873 at -0.25 / +0.25). The 256² working grid is not the limit: the
 reference masks, taken to 256² and back, score 0.9995. The net fits its own training slices no
 better (median 0.9903 against val's 0.9894), so the shortfall is capacity at the boundary rather
-than overfitting; the 16-wide net's +0.002 on val median (seed 0) says the same, and the speed goal
-rules it out.
+than overfitting; the 16-wide net's +0.002 on val median (seed 0) says the same.
 
 Usage:
     python bench/lungseg_quality.py [--seeds 0 1 2] [--epochs 80] [--size 256] [--channels 8 16 ...]

@@ -196,7 +196,7 @@ class SegmentConfig(Section):
     size: int = Field(256, ge=16)
     window: tuple[float, float] = (-1024.0, 600.0)
     body_threshold: float = -500.0
-    channels: tuple[int, ...] = (8, 16, 32, 64, 128)
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
     num_res_units: int = Field(2, ge=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     precision: Precision = "auto"  # of the net, in training, validation and inference

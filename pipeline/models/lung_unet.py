@@ -5,14 +5,17 @@ Chosen by measurement on this 2-core CPU. Inference, batch 4, per slice: UNet ch
 5.8 ms at 192²; MONAI ``BasicUNet`` 51 ms (16 wide) and 305 ms (default 32 wide) at 256², because it
 convolves at full resolution. On kmader_lung2d (seed 0, 80 epochs, best val epoch; Dice on the
 val split's 512² grid after post-processing, mean / median) the 8-wide net reached 0.9868 / 0.9884,
-a 12-wide one (12, ..., 192) 0.9877 / 0.9898 and a 16-wide one 0.9881 / 0.9904. On the test split
-the 12-wide net gave 0.9866 mean in seeds 0 and 1, the 8-wide 0.9856 in seed 0. The 8-wide net stays
-the default: the whole 512x512x300 scan of ``bench/lungseg_speed.py`` takes 4.8 s with it and 6.4 s
-with the 12-wide net, over the 6 s budget, for +0.001 Dice. Cropping each slice to the air inside
-the body instead of the whole body (a 1.3x finer grid over the lungs) gave 0.9879 / 0.9902 with the
-12-wide net: no gain. A sixth level (8, ..., 256; +0.17 s of net time on that scan) reached mean
-val Dice 0.9877 / 0.9864 / 0.9876 in seeds 0 / 1 / 2 against the 5-level net's 0.9867 / 0.9874 /
-0.9872: a tie, so the default stays (``bench/lungseg_quality.py --channels``).
+a 12-wide one (12, ..., 192) 0.9877 / 0.9898 and a 16-wide one 0.9881 / 0.9904. Cropping each slice
+to the air inside the body instead of the whole body (a 1.3x finer grid over the lungs) gave
+0.9879 / 0.9902 with the 12-wide net: no gain. A sixth level (8, ..., 256) tied with five on val.
+
+The default is the 16-wide net (``SegmentConfig.channels``), the best on val above. It became
+affordable under bfloat16 autocast (``pipeline.train.precision``): 8.0 ms per slice against 14.0
+in float32 (the 8-wide net: 3.9 against 6.9). On the test split, 3 seeds each
+(``bench/lungseg_quality.py``; mean / median / worst slice), the 16-wide net trained in bfloat16
+gave 0.9869-0.9876 / 0.9878-0.9885 / 0.954-0.975 against the 8-wide float32 net's 0.9856-0.9863 /
+0.9865-0.9882 / 0.933-0.967. The whole 512x512x300 scan of ``bench/lungseg_speed.py`` takes 5.4 s
+with it (the 8-wide net: 4.0 s).
 
 Example:
     >>> import torch
@@ -31,7 +34,7 @@ __all__ = ["build_lung_unet"]
 
 
 def build_lung_unet(
-    channels: Sequence[int] = (8, 16, 32, 64, 128), num_res_units: int = 2, dropout: float = 0.0
+    channels: Sequence[int] = (16, 32, 64, 128, 256), num_res_units: int = 2, dropout: float = 0.0
 ) -> UNet:
     """A 2D UNet, 1 input channel (scaled HU), 2 output logits (background, lung); stride 2 per level."""
     return UNet(
