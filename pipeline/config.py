@@ -32,7 +32,7 @@ __all__ = [
     "save_config",
 ]
 
-# a net's numeric precision (pipeline.train.precision): "auto" is bfloat16 where the CPU runs it natively
+# a net's numeric precision (pipeline.train.precision): "auto" is bfloat16 where oneDNN supports it
 Precision = Literal["auto", "float32", "bfloat16"]
 
 

@@ -1,11 +1,12 @@
 """Numeric precision of a net's forward pass: float32, or bfloat16 autocast where the CPU has it.
 
 Measured on this project's 2-core AVX-512 CPU (oneDNN kernels): the lung U-Net's inference at 256²
-takes 0.57x the float32 time (8-wide: 3.9 against 6.9 ms per slice; 16-wide: 8.0 against 14.0), a
-training step 0.65-0.70x (batch 8), and a step of the 28³ multi-view classifier 0.60x (batch 32,
-one thread: 128 against 212 ms). Weights, optimizer state, losses and the outputs handed on stay
-float32. ``"auto"`` takes bfloat16 only where oneDNN reports bfloat16 support (AVX-512 and newer
-CPUs); elsewhere it would be emulated, slower than float32.
+takes 0.57x the float32 time (8-wide: 3.9 against 6.9 ms per slice; 16-wide: 8.0 against 14.0) and
+a training step 0.65-0.70x (batch 8); the 28³ multi-view classifier's 4-fold ensemble trains in
+341 s per seed against 483 (``bench/classify_adrenal.py``, 3 seeds each). Weights, optimizer
+state, losses and the outputs handed on stay float32. ``"auto"`` takes bfloat16 only where oneDNN
+reports bfloat16 support (AVX-512 and newer CPUs); elsewhere it would be emulated, slower than
+float32.
 
 Example:
     >>> import torch
@@ -17,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from contextlib import AbstractContextManager
 from typing import Literal
 
@@ -27,7 +29,8 @@ from pipeline.config import Precision
 __all__ = ["autocast", "resolve"]
 
 
-def _bf16_native() -> bool:
+@functools.cache
+def _bf16_supported() -> bool:
     """Whether oneDNN has bfloat16 kernels for this CPU (a private torch query; False if absent)."""
     query = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(query and query())
@@ -36,7 +39,7 @@ def _bf16_native() -> bool:
 def resolve(precision: Precision) -> Literal["float32", "bfloat16"]:
     """``precision`` with ``"auto"`` replaced by what this machine runs fastest."""
     if precision == "auto":
-        return "bfloat16" if _bf16_native() else "float32"
+        return "bfloat16" if _bf16_supported() else "float32"
     return precision
 
 
