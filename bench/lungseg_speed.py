@@ -8,6 +8,7 @@ this machine (a quoted figure, Hofmanninger et al. 2020; lungmask is not install
 
 Usage:
     python bench/lungseg_speed.py --model runs/lung/segment [--threads 2] [--repeats 3]
+        [--precision float32|bfloat16]    # default: the checkpoint's segment.precision
 
 Without ``--model`` a randomly initialised net of the default architecture is timed (the network
 cost does not depend on the weights, but its masks are noise, so post-processing is not typical).
@@ -16,6 +17,7 @@ cost does not depend on the weights, but its masks are noise, so post-processing
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -56,7 +58,7 @@ def random_model(work: Path) -> Path:
     return out
 
 
-def measure(scan: Path, model: Path, out: Path, threads: int) -> dict:
+def measure(scan: Path, model: Path, out: Path, threads: int, precision: str | None) -> dict:
     """Time one prediction in this process; return seconds per stage and the peak RSS."""
     import torch
 
@@ -66,6 +68,9 @@ def measure(scan: Path, model: Path, out: Path, threads: int) -> dict:
     from pipeline.segment.postprocess import lung_volumes
 
     segmenter = load_segmenter(model.resolve())
+    if precision is not None:
+        settings = segmenter.settings.model_copy(update={"precision": precision})
+        segmenter = dataclasses.replace(segmenter, settings=settings)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     volume = read_volume(scan, allow_2d=True)
@@ -94,13 +99,14 @@ def main() -> None:
     parser.add_argument("--scan", type=Path, help="time this scan instead of the 512×512×300 phantom")
     parser.add_argument("--work", type=Path, default=Path("runs/bench_lungseg_speed"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=["float32", "bfloat16"], help="override the checkpoint's")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.measure:  # the child process: one timed prediction, JSON on stdout
         with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(measure(args.scan, args.model, Path(tmp), args.threads)))
+            print(json.dumps(measure(args.scan, args.model, Path(tmp), args.threads, args.precision)))
         return
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -118,6 +124,7 @@ def main() -> None:
         str(model),
         "--threads",
         str(args.threads),
+        *(["--precision", args.precision] if args.precision else []),
     ]
     runs = [
         json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
@@ -125,7 +132,11 @@ def main() -> None:
     ]
     best = min(runs, key=lambda r: r["timings"]["total"])
     slices = best["slices"]
-    print(f"scan {scan} ({slices} slices), model {model}, torch threads {args.threads}, {args.repeats} runs")
+    precision = args.precision or "the checkpoint's"
+    print(
+        f"scan {scan} ({slices} slices), model {model}, torch threads {args.threads}, "
+        f"precision {precision}, {args.repeats} runs"
+    )
     print(f"{'stage':<12}{'best run s':>12}{'median s':>12}")
     for stage in (*STAGES, "total"):
         values = sorted(r["timings"].get(stage, 0.0) for r in runs)

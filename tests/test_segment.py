@@ -275,11 +275,11 @@ def test_prediction_keeps_the_input_grid_and_finds_the_lungs(trained, tmp_path, 
 
 
 def test_bfloat16_inference_matches_float32(trained):
-    model = load_segmenter(trained.run_dir / "segment").model
+    segmenter = load_segmenter(trained.run_dir / "segment")
     case = synth_case(300)
-    params = SliceParams(size=64, window=(-1024.0, 600.0), body_threshold=-500.0)
-    images = prepare_slices(np.ascontiguousarray(axial_stack(case.image, case.affine)), params).images
-    full, half = (predict_slices(model, images, 8, p) for p in ("float32", "bfloat16"))
+    stack = np.ascontiguousarray(axial_stack(case.image, case.affine))
+    images = prepare_slices(stack, segmenter.params).images
+    full, half = (predict_slices(segmenter.model, images, 8, p) for p in ("float32", "bfloat16"))
     assert half.dtype == torch.float32 and (full > 0).sum() > 1000
     assert not torch.equal(full, half)  # bfloat16 really ran
     assert ((full > 0) == (half > 0)).float().mean() > 0.995

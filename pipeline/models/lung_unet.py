@@ -10,8 +10,9 @@ to the air inside the body instead of the whole body (a 1.3x finer grid over the
 0.9879 / 0.9902 with the 12-wide net: no gain. A sixth level (8, ..., 256) tied with five on val.
 
 The default is the 16-wide net (``SegmentConfig.channels``), the best on val above. It became
-affordable under bfloat16 autocast (``pipeline.train.precision``): 8.0 ms per slice against 14.0
-in float32 (the 8-wide net: 3.9 against 6.9). On the test split, 3 seeds each
+affordable under bfloat16 autocast (``pipeline.train.precision``): 300 slices take 2.35 s of net
+time against 3.84 s in float32 (the 8-wide net: 1.17 against 1.81; ``bench/lungseg_speed.py
+--precision``). On the test split, 3 seeds each
 (``bench/lungseg_quality.py``; mean / median / worst slice), the 16-wide net trained in bfloat16
 gave 0.9869-0.9876 / 0.9878-0.9885 / 0.954-0.975 against the 8-wide float32 net's 0.9856-0.9863 /
 0.9865-0.9882 / 0.933-0.967. The whole 512x512x300 scan of ``bench/lungseg_speed.py`` takes 5.4 s

@@ -1,9 +1,9 @@
 """Numeric precision of a net's forward pass: float32, or bfloat16 autocast where the CPU has it.
 
-Measured on this project's 2-core AVX-512 CPU (oneDNN kernels): the lung U-Net's inference at 256²
-takes 0.57x the float32 time (8-wide: 3.9 against 6.9 ms per slice; 16-wide: 8.0 against 14.0) and
-a training step 0.65-0.70x (batch 8); the 28³ multi-view classifier's 4-fold ensemble trains in
-341 s per seed against 483 (``bench/classify_adrenal.py``, 3 seeds each). Weights, optimizer
+Measured on this project's 2-core AVX-512 CPU (oneDNN kernels; ``bench/lungseg_speed.py
+--precision``, 300 slices at 256²): the 16-wide lung U-Net's net time 2.35 s against 3.84 s in
+float32, the 8-wide one's 1.17 s against 1.81 s; the 28³ multi-view classifier's 4-fold ensemble
+trains in 341 s per seed against 483 (``bench/classify_adrenal.py``, 3 seeds each). Weights, optimizer
 state, losses and the outputs handed on stay float32. ``"auto"`` takes bfloat16 only where oneDNN
 reports bfloat16 support (AVX-512 and newer CPUs); elsewhere it would be emulated, slower than
 float32.
