@@ -82,13 +82,15 @@ def _affine(cfg: ClassifyConfig, dims: int) -> RandAffine:
 
 
 def slab_views_to_volume(views: torch.Tensor, blocks: int = 1) -> torch.Tensor:
-    """The (blocks, X, Y, Z) RAS volume behind whole-volume slab views (3, blocks * D, D, D).
+    """The (..., blocks, X, Y, Z) RAS volume behind whole-volume slab views (..., 3, blocks * D, D, D).
 
     Inverse of ``volume_to_slab_views``, read from the axial view: its channel c, row r and column
-    q hold voxel (D-1-q, D-1-r, c) (``pipeline.preprocess.views.to_display``).
+    q hold voxel (D-1-q, D-1-r, c) (``pipeline.preprocess.views.to_display``). Leading dimensions,
+    such as a batch, are kept.
     """
     side = views.shape[-1]
-    return views[0].reshape(blocks, side, side, side).flip(-2, -1).permute(0, 3, 2, 1)
+    axial = views.select(-4, 0)
+    return axial.unflatten(-3, (blocks, side)).flip(-2, -1).transpose(-3, -1)
 
 
 def volume_to_slab_views(volume: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -132,7 +132,7 @@ class PreprocessConfig(Section):
 class ClassifyConfig(Section):
     """Classifier training (owned by the classifier stage)."""
 
-    model: str = "cnn_lstm"  # see pipeline.models.MODELS: cnn_lstm, conv_lstm, cnn3d
+    model: str = "cnn_lstm"  # see pipeline.models.MODELS: cnn_lstm, conv_lstm, cnn3d, cnn3d_views
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(32, ge=1)
     seed: int = 0
@@ -141,6 +141,10 @@ class ClassifyConfig(Section):
     # on its held-out fold; their mean probability is the prediction (pipeline.train.classify).
     folds: int = Field(1, ge=1)
     fold_workers: int = Field(1, ge=1)  # folds trained at once, in local processes (not under torchrun)
+    # with folds > 1: more models trained on every fold beside ``model``, each given as overrides of
+    # this section (e.g. {model: cnn3d_views, stem_stride: 2}) and taking the same input; the ensemble
+    # averages every fold's member of every model
+    extra_models: list[dict[str, Any]] = []
     # model
     encoder: Literal["conv", "resnet"] = "conv"
     features: int = Field(16, ge=1)
@@ -148,7 +152,7 @@ class ClassifyConfig(Section):
     rnn: Literal["lstm", "gru"] = "lstm"
     hidden: int = Field(64, ge=1)
     pool: Literal["avg", "max", "avgmax"] = "avg"  # how the conv encoder pools a view (or volume)
-    stem_stride: int = Field(1, ge=1, le=4)  # stride of the conv encoder's first convolution (cnn_lstm)
+    stem_stride: int = Field(1, ge=1, le=4)  # stride of the conv encoder's first convolution
     bidirectional: bool = True
     dropout: float = Field(0.3, ge=0, lt=1)
     # optimisation (pipeline.train.loop)
@@ -184,6 +188,24 @@ class ClassifyConfig(Section):
     n_boot: int = Field(1000, ge=0)
     workers: int = Field(0, ge=0)
     device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _extra_models_are_overrides(self) -> ClassifyConfig:
+        if self.extra_models and self.folds == 1:
+            raise ValueError("classify.extra_models are trained per fold: they need classify.folds > 1")
+        for extra in self.extra_models:
+            unknown = set(extra) - set(type(self).model_fields)
+            if "model" not in extra or unknown or {"folds", "extra_models"} & set(extra):
+                raise ValueError(
+                    f"classify.extra_models entry {extra}: needs a 'model' and only classify settings "
+                    f"other than folds and extra_models{f' (unknown: {sorted(unknown)})' if unknown else ''}"
+                )
+        return self
+
+    def fold_models(self) -> list[ClassifyConfig]:
+        """The configuration of each model trained per fold: this one, then each of ``extra_models``."""
+        base = self.model_dump(exclude={"extra_models"})
+        return [self, *(type(self).model_validate({**base, **extra}) for extra in self.extra_models)]
 
 
 class SegmentConfig(Section):

@@ -184,6 +184,44 @@ def test_fold_ensemble_trains_evaluates_and_predicts(trained, tmp_path):
     )
 
 
+def test_mixed_fold_ensemble_averages_both_models(trained, tmp_path):
+    """classify.extra_models: a 3D CNN on the same whole-volume views joins the CNN-LSTM per fold."""
+    config, root, _ = trained
+    extra = [{"model": "cnn3d_views", "stem_stride": 2}]
+    classify = config.classify.model_copy(
+        update={"folds": 2, "epochs": 1, "n_boot": 20, "extra_models": extra}
+    )
+    (tmp_path / "thin").mkdir()
+    (tmp_path / "thin" / "preprocess").symlink_to(config.run_dir / "preprocess")  # 3 of 12 slices
+    with pytest.raises(ValueError, match="cnn3d_views needs whole-volume slab views"):
+        run_train_classify(config.model_copy(update={"run": tmp_path / "thin", "classify": classify}))
+    views = config.preprocess.views.model_copy(update={"thickness": SIZE, "center": "volume"})
+    config = config.model_copy(
+        update={
+            "run": tmp_path / "run",
+            "preprocess": config.preprocess.model_copy(update={"views": views}),
+            "classify": classify,
+        }
+    )
+    run_preprocess(config)
+    out = run_train_classify(config, progress=False)
+    model, _ = load_classifier(out / "checkpoint.pt")
+    assert [type(m).__name__ for m in model.members] == ["MultiViewCNNLSTM"] * 2 + ["SlabVolume3DCNN"] * 2
+    # an out-of-fold score is the mean of the two models' members that did not train on the case
+    train = load_split(config.run_dir / "preprocess", "train", "views")
+    for row in list(csv.DictReader((out / "oof_predictions.csv").open()))[:3]:
+        x = torch.from_numpy(train.inputs[train.case_ids.index(row["case_id"])][None])
+        scores = []
+        for member in (f"fold{row['fold']}", f"fold{row['fold']}_1_cnn3d_views"):
+            net, _ = load_classifier(out / member / "checkpoint.pt")
+            with torch.no_grad():
+                scores.append(float(torch.softmax(net(x), 1)[0, 1]))
+        assert float(row["probability"]) == pytest.approx(np.mean(scores), abs=1e-5)
+    run_evaluate_classify(config)
+    path = run_predict_classify(out, root / "data" / "images" / "c00.nii.gz", tmp_path / "pred")
+    assert next(csv.DictReader(path.open()))["status"] == "ok"
+
+
 @pytest.mark.realdata
 def test_adrenalmnist3d_smoke(tmp_path):
     data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "adrenalmnist3d"

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.augment import volume_to_slab_views
 from pipeline.config import ClassifyConfig
 from pipeline.models import MODELS, ConvLSTMCell, build_model
 from pipeline.models.cnn_lstm import GlobalPool
@@ -20,6 +21,7 @@ CASES = [
     ("cnn_lstm", {"pool": "avgmax"}, (4, 3, 3, 16, 16)),
     ("cnn3d", {"pool": "max"}, (4, 1, 16, 16, 16)),
     ("cnn_lstm", {"stem_stride": 2}, (4, 3, 6, 16, 16)),
+    ("cnn3d_views", {"stem_stride": 2}, (4, 3, 32, 16, 16)),  # two slabs of every slice of 16³
 ]
 
 
@@ -38,7 +40,7 @@ def test_shape_and_gradients(name, options, shape):
     assert logits.shape == (shape[0], 3)
     logits.square().sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    if len(shape) == 5 and shape[1] == 1 and name != "cnn3d":
+    if len(shape) == 5 and shape[1] == 1 and not name.startswith("cnn3d"):
         # one step from a zero state: the recurrent weights cannot get a gradient
         missing = [n for n in missing if "weight_hh" not in n]
     assert not missing
@@ -56,7 +58,7 @@ def test_views_are_encoded_by_one_shared_encoder():
 
 
 def test_unknown_model_is_named():
-    with pytest.raises(ValueError, match="known: cnn3d, cnn_lstm, conv_lstm"):
+    with pytest.raises(ValueError, match="known: cnn3d, cnn3d_views, cnn_lstm, conv_lstm"):
         build_model(ClassifyConfig(model="resnet"), 1, 2)
 
 
@@ -70,7 +72,8 @@ def _separable(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Class 1 has a bright blob in the centre of every view (or of the volume)."""
     g = torch.Generator().manual_seed(1)
     y = torch.arange(8) % 2
-    shape = (8, 3, 1, 8, 8) if MODELS[name].input == "views" else (8, 1, 8, 8, 8)
+    spec = MODELS[name]
+    shape = (8, 3, 8 if spec.whole_volume else 1, 8, 8) if spec.input == "views" else (8, 1, 8, 8, 8)
     x = 0.1 * torch.randn(shape, generator=g)
     x[y == 1, ..., 2:6, 2:6] += 1.0
     return x, y
@@ -88,6 +91,24 @@ def test_overfits_tiny_separable_set(name):
         optimizer.step()
     model.eval()
     assert (model(x).argmax(1) == y).all()
+
+
+def test_3d_cnn_on_slab_views_sees_the_volume_behind_them():
+    """Same weights: the 3D CNN on a volume's whole-volume slab views equals it on the volume."""
+    torch.manual_seed(0)
+    cfg = ClassifyConfig(model="cnn3d", features=4, depth=2, pool="avgmax")
+    on_volume = build_model(cfg, 1, 2).eval()
+    on_views = build_model(cfg.model_copy(update={"model": "cnn3d_views"}), 999, 2).eval()
+    on_views.load_state_dict(on_volume.state_dict())
+    volume = torch.rand(2, 10, 10, 10)  # two cases; asymmetric, so a flipped or transposed axis shows
+    distance = torch.rand(2, 10, 10, 10)  # a second slab block, which the 3D CNN ignores
+    views = torch.stack(
+        [volume_to_slab_views(torch.stack([v, d])) for v, d in zip(volume, distance, strict=True)]
+    )
+    assert views.shape == (2, 3, 20, 10, 10)
+    assert torch.allclose(on_views(views), on_volume(volume[:, None]), atol=1e-6)
+    with pytest.raises(ValueError, match="whole-volume slab views"):
+        on_views(views[:, :, :7])
 
 
 def test_global_pool_modes_on_a_hand_made_map():

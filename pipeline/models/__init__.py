@@ -1,7 +1,7 @@
-"""Classifiers: the multi-view CNN-LSTM, its ConvLSTM variant, a 3D CNN baseline, a
-probability-averaging ensemble, and their registry."""
+"""Classifiers: the multi-view CNN-LSTM, its ConvLSTM variant, a 3D CNN baseline (on the volume or
+on the volume behind whole-volume slab views), a probability-averaging ensemble, and their registry."""
 
-from pipeline.models.cnn3d import Small3DCNN
+from pipeline.models.cnn3d import SlabVolume3DCNN, Small3DCNN
 from pipeline.models.cnn_lstm import MultiViewCNNLSTM
 from pipeline.models.conv_lstm import ConvLSTMCell, MultiViewConvLSTM
 from pipeline.models.ensemble import Ensemble
@@ -14,6 +14,7 @@ __all__ = [
     "ModelSpec",
     "MultiViewCNNLSTM",
     "MultiViewConvLSTM",
+    "SlabVolume3DCNN",
     "Small3DCNN",
     "build_model",
     "load_classifier",

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from torch import nn
 
 from pipeline.config import ClassifyConfig
-from pipeline.models.cnn3d import Small3DCNN
+from pipeline.models.cnn3d import SlabVolume3DCNN, Small3DCNN
 from pipeline.models.cnn_lstm import MultiViewCNNLSTM
 from pipeline.models.conv_lstm import MultiViewConvLSTM
 from pipeline.models.ensemble import Ensemble
@@ -32,6 +32,7 @@ class ModelSpec:
 
     build: Callable[[int, int, ClassifyConfig], nn.Module]
     input: Literal["views", "volume"]
+    whole_volume: bool = False  # views must hold every slice of a cube (pipeline.augment.whole_volume_slabs)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -55,7 +56,13 @@ MODELS: dict[str, ModelSpec] = {
         lambda c, n, cfg: MultiViewConvLSTM(c, n, cfg.features, cfg.depth, cfg.hidden, cfg.dropout), "views"
     ),
     "cnn3d": ModelSpec(
-        lambda c, n, cfg: Small3DCNN(c, n, cfg.features, cfg.depth, cfg.dropout, cfg.pool), "volume"
+        lambda c, n, cfg: Small3DCNN(c, n, cfg.features, cfg.depth, cfg.dropout, cfg.pool, cfg.stem_stride),
+        "volume",
+    ),
+    "cnn3d_views": ModelSpec(
+        lambda c, n, cfg: SlabVolume3DCNN(n, cfg.features, cfg.depth, cfg.dropout, cfg.pool, cfg.stem_stride),
+        "views",
+        whole_volume=True,
     ),
 }
 
@@ -82,7 +89,8 @@ def load_classifier(checkpoint: str | Path, device: str = "cpu") -> tuple[nn.Mod
     meta = json.loads(sidecar_path(checkpoint).read_text(encoding="utf-8"))
     cfg = ClassifyConfig.model_validate(meta["classify"])
     members = [
-        build_model(cfg, int(meta["in_channels"]), max(len(meta["classes"]), 2))
+        build_model(model_cfg, int(meta["in_channels"]), max(len(meta["classes"]), 2))
+        for model_cfg in cfg.fold_models()
         for _ in range(int(meta.get("folds", 1)))
     ]
     model = members[0] if len(members) == 1 else Ensemble(members)

@@ -42,7 +42,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.augment import view_augmentation, volume_augmentation
+from pipeline.augment import view_augmentation, volume_augmentation, whole_volume_slabs
 from pipeline.balance import balance
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ClassifyConfig, Config, PreprocessConfig, save_config
@@ -56,6 +56,7 @@ from pipeline.train.loop import FitResult, LoopSettings, fit, seed_everything, w
 __all__ = [
     "CaseArrays",
     "CaseDataset",
+    "check_models",
     "fold_indices",
     "load_split",
     "loop_settings",
@@ -202,6 +203,23 @@ def fold_indices(data: CaseArrays, folds: int, seed: int) -> list[np.ndarray]:
     return [held for _, held in splitter.split(data.inputs[:, :0], data.labels, groups)]
 
 
+def check_models(cfg: ClassifyConfig, preprocess: PreprocessConfig) -> None:
+    """Every model of the run takes the input of ``classify.model`` and the views it needs."""
+    want = model_spec(cfg.model).input
+    for model_cfg in cfg.fold_models():
+        spec = model_spec(model_cfg.model)
+        if spec.input != want:
+            raise ValueError(
+                f"classify.extra_models: {model_cfg.model} takes the {spec.input}, {cfg.model} the {want}; "
+                "an ensemble's models must share one input"
+            )
+        if spec.whole_volume and not whole_volume_slabs(preprocess.views, preprocess.shape):
+            raise ValueError(
+                f"classify model {model_cfg.model} needs whole-volume slab views: preprocess.shape a cube "
+                "and views mode 'slab', center 'volume', thickness = its side"
+            )
+
+
 def _augmentation(cfg: ClassifyConfig, input_key: str, preprocess: PreprocessConfig) -> Callable | None:
     if not cfg.augment:
         return None
@@ -287,28 +305,38 @@ def _mean_history(histories: list[list[dict[str, float]]]) -> list[dict[str, flo
 
 
 def _train_folds(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) -> None:
-    """The cross-validation ensemble: one member per fold, each validated on its held-out fold.
+    """The cross-validation ensemble: one member per fold (and per model of ``fold_models``), each
+    validated on its held-out fold.
 
-    Writes ``fold<k>/`` per member, the ensemble ``checkpoint.pt``, ``oof_predictions.csv`` (each
-    training case scored by the member that did not see it), the fold-mean ``history.csv`` and the
-    whole training split's ``balance.json``.
+    Writes ``fold<k>/`` per member (``fold<k>_<j>_<model>/`` for the j-th extra model), the ensemble
+    ``checkpoint.pt`` (members model by model, fold by fold), ``oof_predictions.csv`` (each training
+    case scored by the members that did not see it), the member-mean ``history.csv`` and the whole
+    training split's ``balance.json``.
     """
     cfg, meta = run.cfg, run.meta
     folds = fold_indices(train, cfg.folds, cfg.seed)
-    workers = 1 if distributed.is_distributed() else min(cfg.fold_workers, len(folds))
+    models = cfg.fold_models()
+    workers = 1 if distributed.is_distributed() else min(cfg.fold_workers, len(folds) * len(models))
     jobs = [
         (
             replace(
                 run,
-                cfg=cfg.model_copy(update={"seed": cfg.seed * cfg.folds + k, "folds": 1}),
-                meta={**meta, "folds": 1},
+                cfg=model_cfg.model_copy(
+                    update={
+                        "seed": (cfg.seed * len(models) + j) * cfg.folds + k,
+                        "folds": 1,
+                        "extra_models": [],
+                    }
+                ),
+                meta={**meta, "folds": 1, "model": model_cfg.model},
                 progress=run.progress and workers == 1,
             ),
             train.subset(np.setdiff1d(np.arange(len(train.labels)), held)),
             train.subset(held),
-            out / f"fold{k}",
+            out / (f"fold{k}" if j == 0 else f"fold{k}_{j}_{model_cfg.model}"),
             max(1, torch.get_num_threads() // workers),
         )
+        for j, model_cfg in enumerate(models)
         for k, held in enumerate(folds)
     ]
     if workers > 1:
@@ -317,9 +345,10 @@ def _train_folds(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) 
             results = list(pool.map(_fit_fold, jobs))
     else:
         results = [_fit_fold(job) for job in jobs]
-    oof = np.full(len(train.labels), np.nan)
-    for held, (model, _) in zip(folds, results, strict=True):
-        oof[held] = positive_probability(predict_proba(model, train.inputs[held], device=cfg.device))
+    oof = np.zeros(len(train.labels))
+    for held, (model, _) in zip(folds * len(models), results, strict=True):
+        oof[held] += positive_probability(predict_proba(model, train.inputs[held], device=cfg.device))
+    oof /= len(models)
     ensemble = Ensemble(model for model, _ in results)
     histories, epochs = [r.history for _, r in results], [r.best_epoch for _, r in results]
     if not distributed.is_main():
@@ -363,6 +392,7 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
     preprocess = (
         PreprocessConfig.model_validate(params["preprocess"]) if "preprocess" in params else config.preprocess
     )
+    check_models(cfg, preprocess)
     transform = _augmentation(cfg, spec.input, preprocess)
     if distributed.is_main():
         save_config(config, out / "config.yaml")
