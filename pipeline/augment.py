@@ -50,6 +50,7 @@ __all__ = [
     "VIEW_AXES",
     "SlabVolumeAffine",
     "ViewAugment",
+    "require_whole_volume_slabs",
     "slab_views_to_volume",
     "view_augmentation",
     "volume_augmentation",
@@ -203,15 +204,21 @@ def whole_volume_slabs(views: ViewsConfig, shape: tuple[int, ...]) -> bool:
     )
 
 
+def require_whole_volume_slabs(views: ViewsConfig, shape: tuple[int, ...], needs: str) -> None:
+    """Raise, naming what ``needs`` them, unless the views hold every slice of a cube."""
+    if not whole_volume_slabs(views, shape):
+        raise ValueError(
+            f"{needs} needs whole-volume slab views: preprocess.shape a cube and views mode 'slab', "
+            f"center 'volume', thickness = its side; got shape {list(shape)}, mode {views.mode!r}, "
+            f"center {views.center!r}, thickness {views.thickness}"
+        )
+
+
 def view_augmentation(cfg: ClassifyConfig, views: ViewsConfig, shape: tuple[int, ...]) -> ViewAugment:
     """The augmentation chain for (V, C, H, W) view stacks cut by ``views`` from ``shape`` volumes."""
     volume_affine = cfg.affine_space == "volume"
-    if volume_affine and not whole_volume_slabs(views, shape):
-        raise ValueError(
-            "classify.affine_space 'volume' needs views that hold the whole volume: preprocess.shape a "
-            f"cube and views mode 'slab', center 'volume', thickness = its side; got shape {list(shape)}, "
-            f"mode {views.mode!r}, center {views.center!r}, thickness {views.thickness}"
-        )
+    if volume_affine:
+        require_whole_volume_slabs(views, shape, "classify.affine_space 'volume'")
     return ViewAugment(
         cfg, flip_channels=views.mode in ("slice", "slab"), blocks=views.blocks, volume_affine=volume_affine
     )

@@ -46,18 +46,8 @@ class Small3DCNN(nn.Module):
 
 
 class SlabVolume3DCNN(Small3DCNN):
-    """``Small3DCNN`` on the first slab's volume of whole-volume slab views (B, 3, blocks * D, D, D)."""
-
-    def __init__(
-        self,
-        num_classes: int = 2,
-        features: int = 16,
-        depth: int = 3,
-        dropout: float = 0.3,
-        pool: Pool = "avg",
-        stem_stride: int = 1,
-    ) -> None:
-        super().__init__(1, num_classes, features, depth, dropout, pool, stem_stride)
+    """``Small3DCNN`` (one input channel) on the first slab's volume of whole-volume slab views
+    (B, 3, blocks * D, D, D)."""
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         side = views.shape[-1]

@@ -60,7 +60,9 @@ MODELS: dict[str, ModelSpec] = {
         "volume",
     ),
     "cnn3d_views": ModelSpec(
-        lambda c, n, cfg: SlabVolume3DCNN(n, cfg.features, cfg.depth, cfg.dropout, cfg.pool, cfg.stem_stride),
+        lambda c, n, cfg: SlabVolume3DCNN(
+            1, n, cfg.features, cfg.depth, cfg.dropout, cfg.pool, cfg.stem_stride
+        ),
         "views",
         whole_volume=True,
     ),

@@ -42,7 +42,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.augment import view_augmentation, volume_augmentation, whole_volume_slabs
+from pipeline.augment import require_whole_volume_slabs, view_augmentation, volume_augmentation
 from pipeline.balance import balance
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ClassifyConfig, Config, PreprocessConfig, save_config
@@ -213,10 +213,9 @@ def check_models(cfg: ClassifyConfig, preprocess: PreprocessConfig) -> None:
                 f"classify.extra_models: {model_cfg.model} takes the {spec.input}, {cfg.model} the {want}; "
                 "an ensemble's models must share one input"
             )
-        if spec.whole_volume and not whole_volume_slabs(preprocess.views, preprocess.shape):
-            raise ValueError(
-                f"classify model {model_cfg.model} needs whole-volume slab views: preprocess.shape a cube "
-                "and views mode 'slab', center 'volume', thickness = its side"
+        if spec.whole_volume:
+            require_whole_volume_slabs(
+                preprocess.views, preprocess.shape, f"classify model {model_cfg.model}"
             )
 
 
