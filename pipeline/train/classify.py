@@ -282,11 +282,24 @@ def _fit_member(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) -
     return model, result
 
 
-def _fit_fold(job: tuple[_Training, CaseArrays, CaseArrays, Path, int]) -> tuple[nn.Module, FitResult]:
-    """``_fit_member`` with its share of the torch threads (top level: picklable for a local process)."""
-    *member, threads = job
+# The train split of the fold jobs run in this process, set once per process by ``_share_split``, so
+# a fold job carries its held-out indices instead of its own copy of the arrays.
+_SPLIT: dict[str, CaseArrays] = {}
+
+
+def _share_split(train: CaseArrays, threads: int) -> None:
+    """Give this process the train split and its share of the torch threads (a pool initializer)."""
+    _SPLIT["train"] = train
     torch.set_num_threads(threads)
-    return _fit_member(*member)
+
+
+def _fit_fold(job: tuple[_Training, np.ndarray, Path]) -> tuple[nn.Module, FitResult]:
+    """``_fit_member`` on the shared train split less the ``held`` cases, validated on them (top
+    level: picklable for a local process)."""
+    run, held, out = job
+    train = _SPLIT["train"]
+    rest = np.setdiff1d(np.arange(len(train.labels)), held)
+    return _fit_member(run, train.subset(rest), train.subset(held), out)
 
 
 def _mean_history(histories: list[list[dict[str, float]]]) -> list[dict[str, float]]:
@@ -330,20 +343,24 @@ def _train_folds(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) 
                 meta={**meta, "folds": 1, "model": model_cfg.model},
                 progress=run.progress and workers == 1,
             ),
-            train.subset(np.setdiff1d(np.arange(len(train.labels)), held)),
-            train.subset(held),
+            held,
             out / (f"fold{k}" if j == 0 else f"fold{k}_{j}_{model_cfg.model}"),
-            max(1, torch.get_num_threads() // workers),
         )
         for j, model_cfg in enumerate(models)
         for k, held in enumerate(folds)
     ]
-    if workers > 1:
+    if workers > 1:  # each worker gets the train split once, not once per fold job
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        share = (train, max(1, torch.get_num_threads() // workers))
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_share_split, initargs=share)
+        with pool:
             results = list(pool.map(_fit_fold, jobs))
     else:
-        results = [_fit_fold(job) for job in jobs]
+        _share_split(train, torch.get_num_threads())
+        try:
+            results = [_fit_fold(job) for job in jobs]
+        finally:
+            _SPLIT.clear()
     oof = np.zeros(len(train.labels))
     for held, (model, _) in zip(folds * len(models), results, strict=True):
         oof[held] += positive_probability(predict_proba(model, train.inputs[held], device=cfg.device))
