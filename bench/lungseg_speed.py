@@ -8,7 +8,7 @@ this machine (a quoted figure, Hofmanninger et al. 2020; lungmask is not install
 
 Usage:
     python bench/lungseg_speed.py --model runs/lung/segment [--threads 2] [--repeats 3]
-        [--precision float32|bfloat16]    # default: the checkpoint's segment.precision
+        [--precision float32|bfloat16] [--flip-tta|--no-flip-tta]   # default: the checkpoint's
 
 Without ``--model`` a randomly initialised net of the default architecture is timed (the network
 cost does not depend on the weights, but its masks are noise, so post-processing is not typical).
@@ -58,7 +58,9 @@ def random_model(work: Path) -> Path:
     return out
 
 
-def measure(scan: Path, model: Path, out: Path, threads: int, precision: str | None) -> dict:
+def measure(
+    scan: Path, model: Path, out: Path, threads: int, precision: str | None, flip_tta: bool | None
+) -> dict:
     """Time one prediction in this process; return seconds per stage and the peak RSS."""
     import torch
 
@@ -67,7 +69,7 @@ def measure(scan: Path, model: Path, out: Path, threads: int, precision: str | N
     from pipeline.io import read_volume, write_like
     from pipeline.segment.postprocess import lung_volumes
 
-    segmenter = load_segmenter(model.resolve())
+    segmenter = load_segmenter(model.resolve(), flip_tta)
     if precision is not None:
         settings = segmenter.settings.model_copy(update={"precision": precision})
         segmenter = dataclasses.replace(segmenter, settings=settings)
@@ -101,12 +103,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", choices=["float32", "bfloat16"], help="override the checkpoint's")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--flip-tta", action=argparse.BooleanOptionalAction, default=None, help="override the checkpoint's"
+    )
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.measure:  # the child process: one timed prediction, JSON on stdout
         with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(measure(args.scan, args.model, Path(tmp), args.threads, args.precision)))
+            result = measure(args.scan, args.model, Path(tmp), args.threads, args.precision, args.flip_tta)
+            print(json.dumps(result))
         return
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -125,6 +131,7 @@ def main() -> None:
         "--threads",
         str(args.threads),
         *(["--precision", args.precision] if args.precision else []),
+        *([] if args.flip_tta is None else ["--flip-tta" if args.flip_tta else "--no-flip-tta"]),
     ]
     runs = [
         json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
@@ -133,9 +140,10 @@ def main() -> None:
     best = min(runs, key=lambda r: r["timings"]["total"])
     slices = best["slices"]
     precision = args.precision or "the checkpoint's"
+    tta = "the checkpoint's" if args.flip_tta is None else ("on" if args.flip_tta else "off")
     print(
         f"scan {scan} ({slices} slices), model {model}, torch threads {args.threads}, "
-        f"precision {precision}, {args.repeats} runs"
+        f"precision {precision}, flip TTA {tta}, {args.repeats} runs"
     )
     print(f"{'stage':<12}{'best run s':>12}{'median s':>12}")
     for stage in (*STAGES, "total"):

@@ -107,11 +107,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    options = {}
     if args.task == "classify":
         from pipeline.infer.classify import run_predict_classify as predict
+
+        if args.flip_tta is not None:
+            raise ValueError("--flip-tta is an option of predict segment")
     else:
         from pipeline.infer.segment import run_predict_segment as predict
-    out = predict(args.model, args.input, args.out, workers=args.workers, scheduler=args.scheduler)
+
+        options["flip_tta"] = args.flip_tta
+    out = predict(args.model, args.input, args.out, workers=args.workers, scheduler=args.scheduler, **options)
     _print_ledger(f"predict {args.task}", args.out / "ledger.csv")
     print(f"outputs: {out}")
     return 0
@@ -201,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, help="run folder (default: runs/<name>)")
     p.add_argument("--workers", type=int, default=None, help="local worker processes (0 = serial)")
     p.add_argument("--scheduler", help="Dask scheduler address (tcp://HOST:PORT) to run the cases on")
+    p.add_argument(
+        "--flip-tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="segment: average each slice's scores with its left-right mirror's (twice the net's time; "
+        "default: the checkpoint's segment.flip_tta)",
+    )
 
     for name, handler, help_ in (
         ("train", cmd_train, "train the classifier or the lung segmenter on a preprocessed run"),
@@ -221,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--workers", type=int, default=0, help="local worker processes (0 = serial)")
     p.add_argument("--scheduler", help="Dask scheduler address (tcp://HOST:PORT) to run the cases on")
+    p.add_argument(
+        "--flip-tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="segment: average each slice's scores with its left-right mirror's (twice the net's time; "
+        "default: the checkpoint's segment.flip_tta)",
+    )
 
     p = command("report", cmd_report, "write RUN/report/index.html from whatever stages the run holds")
     p.add_argument("--run", type=Path, required=True, help="run folder")

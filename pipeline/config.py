@@ -231,6 +231,7 @@ class SegmentConfig(Section):
     slices_per_volume: int | None = Field(None, ge=1)  # axial slices sampled from each 3D training volume
     # inference and post-processing (pipeline.segment.postprocess)
     infer_batch: int = Field(4, ge=1)
+    flip_tta: bool = False  # predict/evaluate average each slice's scores with its mirror's (2x net time)
     keep_components: int = Field(2, ge=1)
     max_hole_mm2: float = Field(2000.0, ge=0)
     min_aerated: float = Field(0.5, ge=0, le=1)  # a kept component's fraction of voxels below -400 HU

@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.cli import main
 from pipeline.config import Config
 from pipeline.evaluate.segmentation import case_metrics, run_evaluate_segment
-from pipeline.infer.segment import load_segmenter, run_predict_segment
+from pipeline.infer.segment import load_segmenter, run_predict_segment, segment_volume
+from pipeline.io import read_volume
 from pipeline.manifest import Case
 from pipeline.segment.postprocess import LEFT, RIGHT, lung_volumes, postprocess
 from pipeline.segment.slices import SliceParams, crop_resize, prepare_slices, restore_slices
@@ -283,6 +285,38 @@ def test_bfloat16_inference_matches_float32(trained):
     assert half.dtype == torch.float32 and (full > 0).sum() > 1000
     assert not torch.equal(full, half)  # bfloat16 really ran
     assert ((full > 0) == (half > 0)).float().mean() > 0.995
+
+
+def test_flip_tta_is_the_mean_over_the_slice_and_its_mirror(trained):
+    segmenter = load_segmenter(trained.run_dir / "segment")
+    case = synth_case(300)
+    stack = np.ascontiguousarray(axial_stack(case.image, case.affine))
+    images = prepare_slices(stack, segmenter.params).images
+    plain = predict_slices(segmenter.model, images, 8)
+    mirrored = predict_slices(segmenter.model, images.flip(-2), 8).flip(-2)
+    tta = predict_slices(segmenter.model, images, 8, flip=True)
+    assert not torch.allclose(plain, mirrored, atol=1e-3)  # the net is not mirror-symmetric by itself
+    torch.testing.assert_close(tta, (plain + mirrored) / 2, rtol=1e-4, atol=1e-4)
+    # a left-right mirrored chest gets the mirrored scores: the flip is the L axis, undone after
+    torch.testing.assert_close(predict_slices(segmenter.model, images.flip(-2), 8, flip=True), tta.flip(-2))
+    assert not segmenter.settings.flip_tta  # off by default
+    assert load_segmenter(trained.run_dir / "segment", flip_tta=True).settings.flip_tta
+
+
+def test_predict_cli_flip_tta_writes_the_averaged_mask(trained, tmp_path):
+    case = synth_case(101)
+    scan = save(tmp_path / "in" / "scan.nii.gz", case.image, case.affine)
+    model = trained.run_dir / "segment"
+    argv = ["predict", "segment", "--model", str(model), "--input", str(scan)]
+    assert main([*argv, "--out", str(tmp_path / "tta"), "--flip-tta"]) == 0
+    labels = np.asarray(nib.load(tmp_path / "tta" / "masks" / "scan.nii.gz").dataobj)
+    expected = segment_volume(load_segmenter(model, flip_tta=True), read_volume(scan))
+    np.testing.assert_array_equal(labels, expected)
+    plain = segment_volume(load_segmenter(model, flip_tta=False), read_volume(scan))
+    assert (labels != plain).any()  # the flag took effect
+    assert dice(labels, case.mask) > 0.9
+    classify = ["predict", "classify", "--model", str(model), "--input", str(scan), "--out", str(tmp_path)]
+    assert main([*classify, "--flip-tta"]) == 2  # a segment-only option
 
 
 def test_single_slice_input_gives_a_valid_mask(trained, tmp_path):

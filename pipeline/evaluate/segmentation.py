@@ -74,10 +74,13 @@ def summarise(values: np.ndarray, seed: int = 0) -> dict[str, float]:
     }
 
 
-def run_evaluate_segment(config: Config) -> Path:
-    """Segment the test split with ``RUN/segment``'s net; write per_case.csv and metrics.json there."""
+def run_evaluate_segment(config: Config, flip_tta: bool | None = None) -> Path:
+    """Segment the test split with ``RUN/segment``'s net; write per_case.csv and metrics.json there.
+
+    ``flip_tta`` overrides the checkpoint's test-time flip setting (``load_segmenter``).
+    """
     out = config.run_dir / "segment"
-    segmenter = load_segmenter(out.resolve())
+    segmenter = load_segmenter(out.resolve(), flip_tta)
     cases = [c for c in segment_cases(config) if c.split == "test"]
     if not cases:
         raise ValueError("no test cases with masks to evaluate")

@@ -62,13 +62,18 @@ class Segmenter:
 
 
 @functools.lru_cache(maxsize=2)
-def load_segmenter(model_dir: Path) -> Segmenter:
-    """Load ``model_dir/checkpoint.pt`` (weights only) and its sidecar; cached per process."""
+def load_segmenter(model_dir: Path, flip_tta: bool | None = None) -> Segmenter:
+    """Load ``model_dir/checkpoint.pt`` (weights only) and its sidecar; cached per process.
+
+    ``flip_tta`` overrides the checkpoint's ``segment.flip_tta`` (None keeps it).
+    """
     path = Path(model_dir) / "checkpoint.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no segmentation checkpoint (run `medpipe train segment` first)")
     _, meta = load_checkpoint(path)
     settings = SegmentConfig.model_validate(meta["config"]["segment"])
+    if flip_tta is not None:
+        settings = settings.model_copy(update={"flip_tta": flip_tta})
     model = build_lung_unet(**meta["model"])
     load_checkpoint(path, model)
     return Segmenter(model.eval(), SliceParams.from_dict(meta["slice_params"]), settings)
@@ -91,7 +96,7 @@ def _lungs_and_body(
     start = _tick(timings, "prepare", start)
     s = segmenter.settings
     with torch.inference_mode():
-        scores = predict_slices(segmenter.model, prepared.images, s.infer_batch, s.precision)
+        scores = predict_slices(segmenter.model, prepared.images, s.infer_batch, s.precision, s.flip_tta)
     start = _tick(timings, "net", start)
     lungs = restore_slices(scores, prepared.boxes, stack.shape[1:])
     _tick(timings, "restore", start)
@@ -123,13 +128,13 @@ def segment_volume(
     return labels
 
 
-def predict_case(payload: tuple[Path, Case, Path]) -> Row:
+def predict_case(payload: tuple[Path, Case, Path, bool | None]) -> Row:
     """Segment one case and write its mask; the row's ``extra`` holds the volumes (top-level: picklable)."""
-    model_dir, case, out = payload
+    model_dir, case, out, flip_tta = payload
     if case.problem:
         raise ValueError(case.problem)
     start = time.perf_counter()
-    segmenter = load_segmenter(model_dir)
+    segmenter = load_segmenter(model_dir, flip_tta)
     volume = read_volume(case.image, allow_2d=True, series_uid=case.series_uid)
     labels = segment_volume(segmenter, volume)
     path = write_like(labels, volume, out / "masks" / f"{case.case_id}.nii.gz")
@@ -144,11 +149,17 @@ def _volume_row(row: Row) -> dict[str, str]:
 
 
 def run_predict_segment(
-    model_dir: Path, inputs: Path, out: Path, workers: int = 0, scheduler: str | None = None
+    model_dir: Path,
+    inputs: Path,
+    out: Path,
+    workers: int = 0,
+    scheduler: str | None = None,
+    flip_tta: bool | None = None,
 ) -> Path:
     """Segment every input case into ``out`` (see the module docstring); return ``out``.
 
     ``workers`` local processes, or the Dask cluster at ``scheduler`` (see ``pipeline.batch``).
+    ``flip_tta`` overrides the checkpoint's ``segment.flip_tta`` (``load_segmenter``).
     """
     model_dir, out = Path(model_dir).resolve(), Path(out)
     load_segmenter(model_dir)  # fail early on a missing or broken checkpoint
@@ -157,7 +168,7 @@ def run_predict_segment(
     table = ResultTable(out / "volumes.csv", VOLUME_COLUMNS, [c.case_id for c in cases])
     run_into_table(
         predict_case,
-        {c.case_id: (model_dir, c, out) for c in cases},
+        {c.case_id: (model_dir, c, out, flip_tta) for c in cases},
         table,
         _volume_row,
         out / "ledger.csv",

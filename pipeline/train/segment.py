@@ -172,15 +172,32 @@ class _PairDataset(Dataset):
 
 @torch.no_grad()
 def predict_slices(
-    model: nn.Module, images: torch.Tensor, batch_size: int, precision: Precision = "float32"
+    model: nn.Module,
+    images: torch.Tensor,
+    batch_size: int,
+    precision: Precision = "float32",
+    flip: bool = False,
 ) -> torch.Tensor:
-    """Foreground scores (logit difference lung − background), (N, 1, n, n) float32; > 0 means lung."""
+    """Foreground scores (logit difference lung − background), (N, 1, n, n) float32; > 0 means lung.
+
+    With ``flip`` the score is the mean over each slice and its left-right mirror (the flip the
+    training augmentation draws: the L axis, dim -2), mirrored back: test-time augmentation at
+    twice the net's time.
+    """
     model.eval()
+
+    def score(batch: torch.Tensor) -> torch.Tensor:
+        with autocast(precision):
+            logits = model(batch).float()
+        return logits[:, 1:2] - logits[:, 0:1]
+
     out = []
     for start in range(0, len(images), batch_size):
-        with autocast(precision):
-            logits = model(images[start : start + batch_size]).float()
-        out.append(logits[:, 1:2] - logits[:, 0:1])
+        batch = images[start : start + batch_size]
+        scores = score(batch)
+        if flip:
+            scores = (scores + score(batch.flip(-2)).flip(-2)) / 2
+        out.append(scores)
     return torch.cat(out)
 
 
