@@ -107,7 +107,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    options = {}
+    options: dict[str, bool | None] = {}  # the segment-only ones
     if args.task == "classify":
         from pipeline.infer.classify import run_predict_classify as predict
 
@@ -207,13 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, help="run folder (default: runs/<name>)")
     p.add_argument("--workers", type=int, default=None, help="local worker processes (0 = serial)")
     p.add_argument("--scheduler", help="Dask scheduler address (tcp://HOST:PORT) to run the cases on")
-    p.add_argument(
-        "--flip-tta",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="segment: average each slice's scores with its left-right mirror's (twice the net's time; "
-        "default: the checkpoint's segment.flip_tta)",
-    )
 
     for name, handler, help_ in (
         ("train", cmd_train, "train the classifier or the lung segmenter on a preprocessed run"),

@@ -162,7 +162,7 @@ def run_predict_segment(
     ``flip_tta`` overrides the checkpoint's ``segment.flip_tta`` (``load_segmenter``).
     """
     model_dir, out = Path(model_dir).resolve(), Path(out)
-    load_segmenter(model_dir)  # fail early on a missing or broken checkpoint
+    load_segmenter(model_dir, flip_tta)  # fail early on a missing or broken checkpoint (and cache it)
     remove_stale_temps(out)
     cases = input_cases(inputs)
     table = ResultTable(out / "volumes.csv", VOLUME_COLUMNS, [c.case_id for c in cases])
