@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,21 +62,28 @@ class Segmenter:
 
 
 @functools.lru_cache(maxsize=2)
-def load_segmenter(model_dir: Path, flip_tta: bool | None = None) -> Segmenter:
-    """Load ``model_dir/checkpoint.pt`` (weights only) and its sidecar; cached per process.
-
-    ``flip_tta`` overrides the checkpoint's ``segment.flip_tta`` (None keeps it).
-    """
+def _load_checkpoint(model_dir: Path) -> Segmenter:
+    """``model_dir/checkpoint.pt`` (weights only) and its sidecar's settings; cached per process."""
     path = Path(model_dir) / "checkpoint.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no segmentation checkpoint (run `medpipe train segment` first)")
     _, meta = load_checkpoint(path)
-    settings = SegmentConfig.model_validate(meta["config"]["segment"])
-    if flip_tta is not None:
-        settings = settings.model_copy(update={"flip_tta": flip_tta})
     model = build_lung_unet(**meta["model"])
     load_checkpoint(path, model)
+    settings = SegmentConfig.model_validate(meta["config"]["segment"])
     return Segmenter(model.eval(), SliceParams.from_dict(meta["slice_params"]), settings)
+
+
+def load_segmenter(model_dir: Path, flip_tta: bool | None = None) -> Segmenter:
+    """The trained net of ``model_dir`` (loaded once per process) with its settings.
+
+    ``flip_tta`` overrides the checkpoint's ``segment.flip_tta`` (None keeps it); the override shares
+    the cached net.
+    """
+    segmenter = _load_checkpoint(Path(model_dir))
+    if flip_tta is None or flip_tta == segmenter.settings.flip_tta:
+        return segmenter
+    return replace(segmenter, settings=segmenter.settings.model_copy(update={"flip_tta": flip_tta}))
 
 
 def _tick(timings: MutableMapping[str, float] | None, stage: str, start: float) -> float:
@@ -162,7 +169,7 @@ def run_predict_segment(
     ``flip_tta`` overrides the checkpoint's ``segment.flip_tta`` (``load_segmenter``).
     """
     model_dir, out = Path(model_dir).resolve(), Path(out)
-    load_segmenter(model_dir, flip_tta)  # fail early on a missing or broken checkpoint (and cache it)
+    load_segmenter(model_dir)  # fail early on a missing or broken checkpoint
     remove_stale_temps(out)
     cases = input_cases(inputs)
     table = ResultTable(out / "volumes.csv", VOLUME_COLUMNS, [c.case_id for c in cases])
