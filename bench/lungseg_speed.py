@@ -7,7 +7,7 @@ Prints the per-stage breakdown, slices/s and peak RSS next to lungmask's 0.86 s/
 this machine (a quoted figure, Hofmanninger et al. 2020; lungmask is not installed).
 
 Usage:
-    python bench/lungseg_speed.py --model runs/lung/segment [--threads 2] [--repeats 3]
+    python bench/lungseg_speed.py --model runs/lung/segment [RUN2/segment ...] [--threads 2] [--repeats 3]
         [--precision float32|bfloat16] [--flip-tta|--no-flip-tta]   # default: the checkpoint's
 
 Without ``--model`` a randomly initialised net of the default architecture is timed (the network
@@ -59,7 +59,7 @@ def random_model(work: Path) -> Path:
 
 
 def measure(
-    scan: Path, model: Path, out: Path, threads: int, precision: str | None, flip_tta: bool | None
+    scan: Path, model: list[Path], out: Path, threads: int, precision: str | None, flip_tta: bool | None
 ) -> dict:
     """Time one prediction in this process; return seconds per stage and the peak RSS."""
     import torch
@@ -69,7 +69,7 @@ def measure(
     from pipeline.io import read_volume, write_like
     from pipeline.segment.postprocess import lung_volumes
 
-    segmenter = load_segmenter(model.resolve(), flip_tta)
+    segmenter = load_segmenter(model, flip_tta)
     if precision is not None:
         settings = segmenter.settings.model_copy(update={"precision": precision})
         segmenter = dataclasses.replace(segmenter, settings=settings)
@@ -97,7 +97,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", type=Path, help="RUN/segment folder of a trained net")
+    parser.add_argument(
+        "--model", type=Path, nargs="+", help="RUN/segment folder of a trained net (several: their ensemble)"
+    )
     parser.add_argument("--scan", type=Path, help="time this scan instead of the 512×512×300 phantom")
     parser.add_argument("--work", type=Path, default=Path("runs/bench_lungseg_speed"))
     parser.add_argument("--threads", type=int, default=2)
@@ -117,7 +119,7 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     scan = args.scan or make_scan(args.work)
-    model = args.model or random_model(args.work)
+    model = args.model or [random_model(args.work)]
     if args.model is None:
         print("no --model: timing an untrained net (post-processing on a noise mask is not typical)")
     command = [
@@ -127,7 +129,7 @@ def main() -> None:
         "--scan",
         str(scan),
         "--model",
-        str(model),
+        *map(str, model),
         "--threads",
         str(args.threads),
         *(["--precision", args.precision] if args.precision else []),
@@ -142,7 +144,7 @@ def main() -> None:
     precision = args.precision or "the checkpoint's"
     tta = "the checkpoint's" if args.flip_tta is None else ("on" if args.flip_tta else "off")
     print(
-        f"scan {scan} ({slices} slices), model {model}, torch threads {args.threads}, "
+        f"scan {scan} ({slices} slices), model {' + '.join(map(str, model))}, torch threads {args.threads}, "
         f"precision {precision}, flip TTA {tta}, {args.repeats} runs"
     )
     print(f"{'stage':<12}{'best run s':>12}{'median s':>12}")

@@ -113,11 +113,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         if args.flip_tta is not None:
             raise ValueError("--flip-tta is an option of predict segment")
+        if len(args.model) > 1:
+            raise ValueError("several --model folders (an ensemble) are an option of predict segment")
+        model = args.model[0]
     else:
         from pipeline.infer.segment import run_predict_segment as predict
 
         options["flip_tta"] = args.flip_tta
-    out = predict(args.model, args.input, args.out, workers=args.workers, scheduler=args.scheduler, **options)
+        model = args.model
+    out = predict(model, args.input, args.out, workers=args.workers, scheduler=args.scheduler, **options)
     _print_ledger(f"predict {args.task}", args.out / "ledger.csv")
     print(f"outputs: {out}")
     return 0
@@ -222,7 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("predict", cmd_predict, "run a trained model on new scans (resumable; one row per input)")
     p.add_argument("task", choices=TASKS)
-    p.add_argument("--model", type=Path, required=True, help="the trained model folder, e.g. RUN/segment")
+    p.add_argument(
+        "--model",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="the trained model folder, e.g. RUN/segment; segment: several folders predict as one ensemble "
+        "(the mean of their nets' probabilities, at the sum of their times)",
+    )
     p.add_argument("--input", type=Path, required=True, help="a scan, a folder of scans or a manifest CSV")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--workers", type=int, default=0, help="local worker processes (0 = serial)")

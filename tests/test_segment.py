@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.cli import main
 from pipeline.config import Config
 from pipeline.evaluate.segmentation import case_metrics, run_evaluate_segment
@@ -317,6 +318,51 @@ def test_predict_cli_flip_tta_writes_the_averaged_mask(trained, tmp_path):
     assert dice(labels, case.mask) > 0.9
     classify = ["predict", "classify", "--model", str(model), "--input", str(scan), "--out", str(tmp_path)]
     assert main([*classify, "--flip-tta"]) == 2  # a segment-only option
+
+
+def second_net(trained: Config, folder: Path, **slice_params: object) -> Path:
+    """A copy of the trained net with perturbed weights (and optionally other slice parameters)."""
+    state, meta = load_checkpoint(trained.run_dir / "segment" / "checkpoint.pt")
+    generator = torch.Generator().manual_seed(0)
+    for key, value in state.items():
+        if value.is_floating_point() and value.numel() > 1:
+            state[key] = value + 0.05 * value.std() * torch.randn(value.shape, generator=generator)
+    meta.pop("versions")
+    meta["slice_params"] = {**meta["slice_params"], **slice_params}
+    save_checkpoint(folder / "checkpoint.pt", state, meta)
+    return folder
+
+
+def test_several_models_predict_as_their_mean_probability(trained, tmp_path):
+    first = trained.run_dir / "segment"
+    second = second_net(trained, tmp_path / "second")
+    a, b = load_segmenter(first), load_segmenter(second)
+    ensemble = load_segmenter([first, second])
+    assert ensemble.params == a.params and ensemble.settings == a.settings
+    case = synth_case(300)
+    images = prepare_slices(np.ascontiguousarray(axial_stack(case.image, case.affine)), a.params).images
+    probs = [m(images).softmax(1) for m in (a.model.eval(), b.model.eval())]
+    mean = (probs[0] + probs[1]) / 2
+    expected = (mean[:, 1:2] / mean[:, 0:1]).log()
+    scores = predict_slices(ensemble.model, images, 8)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(scores, predict_slices(a.model, images, 8), atol=1e-3)  # b counted
+
+    case = synth_case(101)
+    scan = save(tmp_path / "in" / "scan.nii.gz", case.image, case.affine)
+    argv = ["predict", "segment", "--model", str(first), str(second), "--input", str(scan)]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    labels = np.asarray(nib.load(tmp_path / "out" / "masks" / "scan.nii.gz").dataobj)
+    np.testing.assert_array_equal(labels, segment_volume(ensemble, read_volume(scan)))
+    assert dice(labels, case.mask) > 0.9
+    classify = ["predict", "classify", "--model", str(first), str(second), "--input", str(scan)]
+    assert main([*classify, "--out", str(tmp_path / "c")]) == 2  # a segment-only option
+
+
+def test_an_ensemble_refuses_nets_trained_on_other_slices(trained, tmp_path):
+    other = second_net(trained, tmp_path / "other", size=96)
+    with pytest.raises(ValueError, match=r"other.*slice parameters"):
+        load_segmenter([trained.run_dir / "segment", other])
 
 
 def test_single_slice_input_gives_a_valid_mask(trained, tmp_path):

@@ -13,6 +13,10 @@ input's exact grid: same shape, affine, orientation and header. It writes::
 A rerun skips the cases whose ledger row is ``ok`` and whose mask exists; a corrupt scan gets an
 ``error`` row and the batch goes on.
 
+Several model folders (nets trained with the same slice parameters, e.g. different seeds) make an
+ensemble: each slice is scored by the mean of the nets' probabilities (``pipeline.models.ensemble``),
+at the sum of their times; post-processing follows the first folder's settings.
+
 Example:
     >>> out = run_predict_segment(Path("runs/demo/segment"), Path("scans/"), Path("out/"))  # doctest: +SKIP
 """
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,6 +38,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.config import SegmentConfig
 from pipeline.io import Volume, read_volume, remove_stale_temps, write_like
 from pipeline.manifest import Case, input_cases
+from pipeline.models.ensemble import Ensemble
 from pipeline.models.lung_unet import build_lung_unet
 from pipeline.segment.postprocess import lung_volumes, postprocess
 from pipeline.segment.slices import SliceParams, from_canonical, prepare_slices, restore_slices
@@ -74,13 +79,36 @@ def _load_checkpoint(model_dir: Path) -> Segmenter:
     return Segmenter(model.eval(), SliceParams.from_dict(meta["slice_params"]), settings)
 
 
-def load_segmenter(model_dir: Path, flip_tta: bool | None = None) -> Segmenter:
+def _model_dirs(model_dir: Path | Sequence[Path]) -> tuple[Path, ...]:
+    """One folder or several, as a non-empty tuple of resolved paths."""
+    dirs = (model_dir,) if isinstance(model_dir, (str, Path)) else tuple(model_dir)
+    if not dirs:
+        raise ValueError("no model folder given")
+    return tuple(Path(d).resolve() for d in dirs)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_ensemble(model_dirs: tuple[Path, ...]) -> Segmenter:
+    """The nets of several folders as one mean-probability ensemble (same slice parameters)."""
+    members = [_load_checkpoint(d) for d in model_dirs]
+    first = members[0]
+    for path, member in zip(model_dirs[1:], members[1:], strict=True):
+        if member.params != first.params:
+            raise ValueError(
+                f"{path}: its slice parameters {member.params} differ from {model_dirs[0]}'s {first.params}; "
+                "an ensemble needs nets trained on the same slices"
+            )
+    return Segmenter(Ensemble(m.model for m in members).eval(), first.params, first.settings)
+
+
+def load_segmenter(model_dir: Path | Sequence[Path], flip_tta: bool | None = None) -> Segmenter:
     """The trained net of ``model_dir`` (loaded once per process) with its settings.
 
-    ``flip_tta`` overrides the checkpoint's ``segment.flip_tta`` (None keeps it); the override shares
-    the cached net.
+    Several folders give their ensemble (module docstring). ``flip_tta`` overrides the checkpoint's
+    ``segment.flip_tta`` (None keeps it); the override shares the cached net.
     """
-    segmenter = _load_checkpoint(Path(model_dir))
+    dirs = _model_dirs(model_dir)
+    segmenter = _load_checkpoint(dirs[0]) if len(dirs) == 1 else _load_ensemble(dirs)
     if flip_tta is None or flip_tta == segmenter.settings.flip_tta:
         return segmenter
     return replace(segmenter, settings=segmenter.settings.model_copy(update={"flip_tta": flip_tta}))
@@ -135,13 +163,13 @@ def segment_volume(
     return labels
 
 
-def predict_case(payload: tuple[Path, Case, Path, bool | None]) -> Row:
+def predict_case(payload: tuple[tuple[Path, ...], Case, Path, bool | None]) -> Row:
     """Segment one case and write its mask; the row's ``extra`` holds the volumes (top-level: picklable)."""
-    model_dir, case, out, flip_tta = payload
+    model_dirs, case, out, flip_tta = payload
     if case.problem:
         raise ValueError(case.problem)
     start = time.perf_counter()
-    segmenter = load_segmenter(model_dir, flip_tta)
+    segmenter = load_segmenter(model_dirs, flip_tta)
     volume = read_volume(case.image, allow_2d=True, series_uid=case.series_uid)
     labels = segment_volume(segmenter, volume)
     path = write_like(labels, volume, out / "masks" / f"{case.case_id}.nii.gz")
@@ -156,7 +184,7 @@ def _volume_row(row: Row) -> dict[str, str]:
 
 
 def run_predict_segment(
-    model_dir: Path,
+    model_dir: Path | Sequence[Path],
     inputs: Path,
     out: Path,
     workers: int = 0,
@@ -166,16 +194,17 @@ def run_predict_segment(
     """Segment every input case into ``out`` (see the module docstring); return ``out``.
 
     ``workers`` local processes, or the Dask cluster at ``scheduler`` (see ``pipeline.batch``).
-    ``flip_tta`` overrides the checkpoint's ``segment.flip_tta`` (``load_segmenter``).
+    Several ``model_dir`` folders predict as one ensemble. ``flip_tta`` overrides the checkpoint's
+    ``segment.flip_tta`` (``load_segmenter``).
     """
-    model_dir, out = Path(model_dir).resolve(), Path(out)
-    load_segmenter(model_dir)  # fail early on a missing or broken checkpoint
+    model_dirs, out = _model_dirs(model_dir), Path(out)
+    load_segmenter(model_dirs)  # fail early on a missing or broken checkpoint
     remove_stale_temps(out)
     cases = input_cases(inputs)
     table = ResultTable(out / "volumes.csv", VOLUME_COLUMNS, [c.case_id for c in cases])
     run_into_table(
         predict_case,
-        {c.case_id: (model_dir, c, out, flip_tta) for c in cases},
+        {c.case_id: (model_dirs, c, out, flip_tta) for c in cases},
         table,
         _volume_row,
         out / "ledger.csv",
