@@ -230,9 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         type=Path,
         nargs="+",
+        action="extend",
         required=True,
-        help="the trained model folder, e.g. RUN/segment; segment: several folders predict as one ensemble "
-        "(the mean of their nets' probabilities, at the sum of their times)",
+        help="the trained model folder, e.g. RUN/segment; segment: several folders (--model A B or "
+        "--model A --model B) predict as one ensemble (their nets' mean probability; the sum of their "
+        "times)",
     )
     p.add_argument("--input", type=Path, required=True, help="a scan, a folder of scans or a manifest CSV")
     p.add_argument("--out", type=Path, required=True, help="output folder")

@@ -354,6 +354,10 @@ def test_several_models_predict_as_their_mean_probability(trained, tmp_path):
     assert main([*argv, "--out", str(tmp_path / "out")]) == 0
     labels = np.asarray(nib.load(tmp_path / "out" / "masks" / "scan.nii.gz").dataobj)
     np.testing.assert_array_equal(labels, segment_volume(ensemble, read_volume(scan)))
+    repeated = ["predict", "segment", "--model", str(first), "--model", str(second), "--input", str(scan)]
+    assert main([*repeated, "--out", str(tmp_path / "repeated")]) == 0
+    written = np.asarray(nib.load(tmp_path / "repeated" / "masks" / "scan.nii.gz").dataobj)
+    np.testing.assert_array_equal(written, labels)  # both spellings give the ensemble
     assert dice(labels, case.mask) > 0.9
     classify = ["predict", "classify", "--model", str(first), str(second), "--input", str(scan)]
     assert main([*classify, "--out", str(tmp_path / "c")]) == 2  # a segment-only option
