@@ -31,8 +31,12 @@ times the net's time (``bench/lungseg_speed.py``, the 300-slice scan: 10.5 s aga
 net in the same hour), past both budgets, so it is an option. Even three nets leave the test median
 under 0.991.
 
-Not adopted, judged on val: cropping to the lungs' box, and gating the post-processed mask by HU (keep
-only the filled, 0-2 px dilated region below -500...-200 HU, raw or smoothed): every variant
+Not adopted, judged on val: nnU-Net-style intensity augmentation on top of the current chain
+(Gaussian noise up to 0.05 instead of 0.02 of the window, Gaussian blur of 0.5-1 px with p 0.2, gamma
+0.7-1.5 with p 0.3; Isensee et al. 2021, nnU-Net's data augmentation), seed 0: val 0.9883 / 0.9905
+against 0.9886 / 0.9907, and 16.0 min of training on a slow day. Cropping to the lungs' box, and
+gating the post-processed mask by HU (keep only the filled, 0-2 px dilated region below
+-500...-200 HU, raw or smoothed): every variant
 lowered the mean val Dice of all 3 seeds (best 0.9867 against 0.9872), though it removes the shell
 of noisy soft tissue the net adds around the apical test slice ID_0175_Z_0165.
 
