@@ -1,7 +1,8 @@
 """Benchmark: the whole ``predict segment`` on a 512×512×300 synthetic chest CT, stage by stage.
 
 Generates the scan with ``pipeline.synth`` (size 512, depth 300; cached in ``--work``), then times,
-in a fresh process so that the peak RSS is the prediction's own: read, slice preparation, the net,
+in a fresh process so that the peak RSS is the prediction's own and with the allocator setting of
+the ``medpipe`` executable (``pipeline.allocator``): read, slice preparation, the net,
 mapping back to the scan grid, post-processing, the NIfTI write (gzip level 1) and the volumes.
 Prints the per-stage breakdown, slices/s and peak RSS next to lungmask's 0.86 s/slice measured on
 this machine (a quoted figure, Hofmanninger et al. 2020; lungmask is not installed).
@@ -65,10 +66,12 @@ def measure(
     import torch
 
     torch.set_num_threads(threads)
+    from pipeline.allocator import keep_freed_memory
     from pipeline.infer.segment import load_segmenter, segment_volume
     from pipeline.io import read_volume, write_like
     from pipeline.segment.postprocess import lung_volumes
 
+    keep_freed_memory()  # as the medpipe executable does
     segmenter = load_segmenter(model, flip_tta)
     if precision is not None:
         settings = segmenter.settings.model_copy(update={"precision": precision})

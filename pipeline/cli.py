@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from pipeline.allocator import keep_freed_memory
 from pipeline.batch import Ledger
 from pipeline.config import Config, load_config
 from pipeline.io import VolumeError
@@ -262,8 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def entry() -> int:
+    """The ``medpipe`` executable and ``python -m pipeline``: the process-wide allocator setting
+    (``pipeline.allocator``), then ``main``."""
+    keep_freed_memory()
+    return main()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``medpipe`` and ``python -m pipeline``."""
+    """The command line on ``argv`` (default: ``sys.argv``); returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
