@@ -193,7 +193,10 @@ def main() -> None:
 
     import torch
 
+    from pipeline.allocator import keep_freed_memory
+
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the medpipe executable does
     results = []
     for seed in args.seeds:
         result = run_seed(seed, args)
