@@ -44,6 +44,7 @@ def keep_freed_memory() -> bool:
         return False
     applied = False
     for name, param in SETTINGS.items():
-        value = int(os.environ.setdefault(name, str(THRESHOLD)))
-        applied |= bool(mallopt(param, ctypes.c_int(min(value, 2**31 - 1))))
+        value = os.environ.setdefault(name, str(THRESHOLD))
+        if value.isdigit():  # glibc has already read the user's value; it ignores one that is not a number
+            applied |= bool(mallopt(param, ctypes.c_int(min(int(value), 2**31 - 1))))
     return applied
