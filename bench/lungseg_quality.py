@@ -112,12 +112,14 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     }
 
 
-def agreement(args: argparse.Namespace, split: str = "val", ensemble: bool = False) -> dict[str, float]:
-    """Pairwise Dice between the seeds' post-processed masks, and of each seed with the reference.
+def agreement(
+    args: argparse.Namespace, split: str = "val", members: bool = True, ensemble: bool = False
+) -> dict[str, float]:
+    """Dice on ``split``: with ``members``, between the seeds' post-processed masks and of each seed
+    with the reference; with ``ensemble``, of the seeds' nets predicting as one ensemble.
 
-    On ``split`` (val for the figures that settings such as ``--flip-tta`` are chosen by). If the
-    nets agree with each other far better than with the reference, the error left is not the nets'
-    variance. With ``ensemble``, also the Dice of the seeds' nets predicting as one ensemble.
+    Val gives the figures that settings such as ``--flip-tta`` are chosen by. If the nets agree with
+    each other far better than with the reference, the error left is not the nets' variance.
     """
     from itertools import combinations
 
@@ -129,7 +131,7 @@ def agreement(args: argparse.Namespace, split: str = "val", ensemble: bool = Fal
 
     config = Config.model_validate({"data": {"manifest": str(args.manifest)}})
     runs = [(args.work / f"seed{seed}" / "segment").resolve() for seed in args.seeds]
-    nets = [load_segmenter(run, args.flip_tta) for run in runs]
+    nets = [load_segmenter(run, args.flip_tta) for run in runs] if members else []
     joint = load_segmenter(runs, args.flip_tta) if ensemble else None
     pairs, truth_dice, joint_dice = [], [], []
     for case in (c for c in segment_cases(config) if c.split == split):
@@ -140,21 +142,15 @@ def agreement(args: argparse.Namespace, split: str = "val", ensemble: bool = Fal
         truth_dice += [case_metrics(m, truth, volume.spacing)["dice"] for m in masks]
         if joint is not None:
             joint_dice.append(case_metrics(segment_volume(joint, volume) > 0, truth, volume.spacing)["dice"])
-    extra = {}
-    if pairs:
-        extra.update(between_seeds_mean=float(np.mean(pairs)), between_seeds_median=float(np.median(pairs)))
+    figures: dict[str, float | str] = {"split": split}
+    for name, values in (("between_seeds", pairs), ("with_reference", truth_dice), ("ensemble", joint_dice)):
+        if values:
+            figures.update(
+                {f"{name}_mean": float(np.mean(values)), f"{name}_median": float(np.median(values))}
+            )
     if joint_dice:
-        extra.update(
-            ensemble_mean=float(np.mean(joint_dice)),
-            ensemble_median=float(np.median(joint_dice)),
-            ensemble_worst=float(np.min(joint_dice)),
-        )
-    return {
-        "split": split,
-        **extra,
-        "with_reference_mean": float(np.mean(truth_dice)),
-        "with_reference_median": float(np.median(truth_dice)),
-    }
+        figures["ensemble_worst"] = float(np.min(joint_dice))
+    return figures
 
 
 def main() -> None:
@@ -210,7 +206,7 @@ def main() -> None:
         )
     goals = all(r["mean"] >= 0.988 and r["median"] >= 0.991 and r["worst"] >= 0.95 for r in results)
     print(f"goals (mean ≥ 0.988, median ≥ 0.991, worst ≥ 0.95 in every seed) met: {goals}")
-    agree = agreement(args, "val", args.ensemble)
+    agree = agreement(args, "val", ensemble=args.ensemble)
     between = (
         f"between seeds: mean {agree['between_seeds_mean']:.4f}, median {agree['between_seeds_median']:.4f}; "
         if "between_seeds_mean" in agree
@@ -220,7 +216,8 @@ def main() -> None:
         f"{agree['split']} Dice {between}against the reference (every seed): mean "
         f"{agree['with_reference_mean']:.4f}, median {agree['with_reference_median']:.4f}"
     )
-    ensemble = [agree, agreement(args, "test", True)] if args.ensemble else []
+    # test: the ensemble only (each seed's own test figures are run_seed's)
+    ensemble = [agree, agreement(args, "test", members=False, ensemble=True)] if args.ensemble else []
     for figures in ensemble:
         print(
             f"{figures['split']} Dice of the {len(args.seeds)} seeds' nets as one ensemble: mean "

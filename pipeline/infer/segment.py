@@ -66,7 +66,7 @@ class Segmenter:
     settings: SegmentConfig
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=8)  # a net is a few MB; an ensemble's members stay cached beside it
 def _load_checkpoint(model_dir: Path) -> Segmenter:
     """``model_dir/checkpoint.pt`` (weights only) and its sidecar's settings; cached per process."""
     path = Path(model_dir) / "checkpoint.pt"
