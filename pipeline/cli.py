@@ -179,7 +179,13 @@ def _headlines(run: Path) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per stage."""
-    parser = argparse.ArgumentParser(prog="medpipe", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="medpipe",
+        description="Preprocess CT/MR scans, train and evaluate the multi-view classifier and the lung "
+        "segmenter, predict on new scans and write an HTML report.",
+        epilog="Start with 'medpipe demo' (every stage on a generated phantom cohort, into runs/demo); "
+        "'medpipe COMMAND --help' lists a command's options.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(
