@@ -192,6 +192,7 @@ def agreement(
 def whole_ct_check(run: Path) -> dict[str, float]:
     """Dice of one net's post-processed mask on ``WHOLE_CT`` against the lobes (both lungs, and each
     side: lobes 1-2 are left, 3-5 right), and the mL it labels outside them."""
+    from pipeline.evaluate.segmentation import case_metrics
     from pipeline.infer.segment import load_segmenter, segment_volume
     from pipeline.io import read_volume
     from pipeline.segment.postprocess import LEFT, RIGHT
@@ -200,8 +201,8 @@ def whole_ct_check(run: Path) -> dict[str, float]:
     lobes = read_volume(WHOLE_CT_LOBES).array
     labels = segment_volume(load_segmenter(run.resolve(), False), volume)
 
-    def dice(a: np.ndarray, b: np.ndarray) -> float:
-        return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+    def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+        return case_metrics(pred, truth, volume.spacing)["dice"]
 
     return {
         "dice": dice(labels > 0, lobes > 0),
