@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +46,14 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]
     dice = float(compute_dice(p, t, include_background=True, ignore_empty=False)[0, 0])
     hd95 = float("nan")
     if p.any() and t.any():
-        hd95 = float(
-            compute_hausdorff_distance(
-                p, t, include_background=True, percentile=95, spacing=[float(spacing[a]) for a in keep]
-            )[0, 0]
-        )
+        with warnings.catch_warnings():
+            # MONAI 1.6 passes its own deprecated get_mask_edges(always_return_as_numpy=...) here
+            warnings.filterwarnings("ignore", "monai.metrics.utils get_mask_edges", FutureWarning)
+            hd95 = float(
+                compute_hausdorff_distance(
+                    p, t, include_background=True, percentile=95, spacing=[float(spacing[a]) for a in keep]
+                )[0, 0]
+            )
     true_n, pred_n = float(t.sum()), float(p.sum())
     rve = (pred_n - true_n) / true_n if true_n else float("nan")
     return {"dice": dice, "hd95_mm": hd95, "rel_volume_error": rve}
