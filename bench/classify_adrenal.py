@@ -98,6 +98,15 @@ BEST: dict[str, Any] = {
 # 0.866 / 0.871, 0.765 / 0.785; 3D, p 0.6, 15° 0.862 / 0.861, 0.858 / 0.857, 0.876 / 0.886, 0.788 /
 # 0.752. 3D with p 0.3, 10° (seed 0 only): 0.861, 0.830, 0.870, 0.737. The 64³ config cuts 11 of 64
 # slices, which cannot be recut after a rotation; it keeps the per-view affine.
+# Two additions to the trained 28³ ensembles were tried on seeds 0-2 and not adopted (one-off scripts;
+# out-of-fold AUC on train, then val AUC). Averaging each member's scores over the 8 flips of the
+# volume axes it was trained with: OOF +0.006 / -0.004 / -0.004, val +0.001 / +0.002 / +0.001.
+# Hand-crafted shape descriptors of the mask (SimpleITK LabelShapeStatistics: volume, surface,
+# Feret diameter, elongation, flatness, principal moments; distance-map thickness percentiles and
+# histograms; solidity against the convex hull), 38 in all, in a logistic regression: OOF 0.836,
+# val 0.855 alone (close to the CNN's 0.847-0.850 / 0.880-0.883), and blended with the ensemble's
+# logit (weight 0.2-0.5) OOF +0.003 to +0.005 but val -0.003 to +0.000. The descriptors carry
+# nothing the CNN has not already learnt from the distance-map views.
 VIEW_AFFINE = {"classify.affine_space": "view", "classify.affine_prob": 0.3, "classify.rotate_degrees": 10.0}
 BEST_BY_GRID: dict[int, dict[str, Any]] = {64: {"classify.stem_stride": 2, **VIEW_AFFINE}}
 
