@@ -144,3 +144,20 @@ def test_ema_weights_are_validated_and_saved(tmp_path):
     state, _ = load_checkpoint(result.checkpoint)
     assert state.keys() == plain.state_dict().keys()
     assert not torch.allclose(state["0.weight"], plain.state_dict()["0.weight"])
+
+
+@pytest.mark.parametrize(
+    ("scores", "best_epoch"),
+    [([float("nan")] * 3, 2), ([float("nan"), float("nan"), 0.6, float("nan"), 0.5], 2)],
+)
+def test_undefined_score_keeps_the_latest_epoch_until_a_defined_one(tmp_path, scores, best_epoch):
+    values = iter(scores)  # AUC on a one-class val split is NaN
+
+    def validate(model: nn.Module) -> dict[str, float]:
+        return {"auc": next(values)}
+
+    settings = LoopSettings(epochs=len(scores), monitor="auc", progress=False)
+    train = DataLoader(_data(), batch_size=16)
+    result = fit(nn.Linear(4, 2), train, nn.CrossEntropyLoss(), validate, tmp_path, settings)
+    assert result.best_epoch == best_epoch
+    assert load_checkpoint(result.checkpoint)[1]["epoch"] == best_epoch

@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing
+import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -409,6 +410,12 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
         PreprocessConfig.model_validate(params["preprocess"]) if "preprocess" in params else config.preprocess
     )
     check_models(cfg, preprocess)
+    if len(np.unique(val.labels)) < 2 and distributed.is_main():
+        print(
+            f"warning: {prep / 'cases.csv'}: the val split holds one class only ({len(val.labels)} cases), "
+            "so validation AUC is undefined and the last epoch is kept instead of the best",
+            file=sys.stderr,
+        )
     transform = _augmentation(cfg, spec.input, preprocess)
     if distributed.is_main():
         save_config(config, out / "config.yaml")

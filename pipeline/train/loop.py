@@ -311,7 +311,8 @@ def fit(
                 "seconds": round(time.perf_counter() - t0, 3),
             }
             history.append(row)
-            improved = score > best
+            # an undefined score (AUC on a one-class val split) keeps the latest epoch until a real one
+            improved = score > best or score == best == -math.inf
             if improved:
                 best, best_epoch, stale = score, epoch, 0
             else:
