@@ -23,7 +23,15 @@ from torch import nn
 
 from pipeline.io import atomic_path
 
-__all__ = ["load_checkpoint", "load_state", "save_checkpoint", "save_state", "sidecar_path", "versions"]
+__all__ = [
+    "load_checkpoint",
+    "load_state",
+    "read_task_sidecar",
+    "save_checkpoint",
+    "save_state",
+    "sidecar_path",
+    "versions",
+]
 
 
 def versions() -> dict[str, str]:
@@ -42,6 +50,18 @@ def versions() -> dict[str, str]:
 def sidecar_path(path: str | Path) -> Path:
     """The JSON sidecar next to a ``.pt`` file."""
     return Path(path).with_suffix(".json")
+
+
+def read_task_sidecar(path: str | Path, task: str) -> dict[str, Any]:
+    """The sidecar of a ``task`` checkpoint; a clear error when the checkpoint is missing or is
+    another task's (``--model RUN/classify`` given to ``predict segment``)."""
+    path = Path(path)
+    if not path.is_file() or not sidecar_path(path).is_file():
+        raise FileNotFoundError(f"{path}: no {task} checkpoint (run `medpipe train {task}` first)")
+    meta = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+    if meta.get("task") != task:
+        raise ValueError(f"{path}: a {meta.get('task', 'unknown')!r} checkpoint, not a {task} one")
+    return meta
 
 
 def save_state(path: str | Path, state: Mapping[str, Any]) -> Path:

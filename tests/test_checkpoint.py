@@ -50,3 +50,17 @@ def test_crafted_pickle_is_refused_and_not_executed(tmp_path):
     with zipfile.ZipFile(evil) as archive:
         pickle.loads(archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl"))))
     assert marker.exists()
+
+
+def test_another_tasks_checkpoint_is_named_not_crashed_on(tmp_path):
+    from pipeline.infer.segment import load_segmenter
+    from pipeline.models.registry import load_classifier
+
+    save_checkpoint(tmp_path / "classify" / "checkpoint.pt", nn.Linear(2, 2), {"task": "classify"})
+    save_checkpoint(tmp_path / "segment" / "checkpoint.pt", nn.Linear(2, 2), {"task": "segment"})
+    with pytest.raises(ValueError, match=r"classify/checkpoint.pt: a 'classify' checkpoint, not a segment"):
+        load_segmenter(tmp_path / "classify")
+    with pytest.raises(ValueError, match=r"segment/checkpoint.pt: a 'segment' checkpoint, not a classify"):
+        load_classifier(tmp_path / "segment" / "checkpoint.pt")
+    with pytest.raises(FileNotFoundError, match="no classify checkpoint"):
+        load_classifier(tmp_path / "nothing" / "checkpoint.pt")

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from pipeline.batch import ResultTable, Row, run_into_table
-from pipeline.checkpoint import load_checkpoint
+from pipeline.checkpoint import load_checkpoint, read_task_sidecar
 from pipeline.config import SegmentConfig
 from pipeline.io import Volume, read_volume, remove_stale_temps, write_like
 from pipeline.manifest import Case, input_cases
@@ -70,9 +70,7 @@ class Segmenter:
 def _load_checkpoint(model_dir: Path) -> Segmenter:
     """``model_dir/checkpoint.pt`` (weights only) and its sidecar's settings; cached per process."""
     path = Path(model_dir) / "checkpoint.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no segmentation checkpoint (run `medpipe train segment` first)")
-    _, meta = load_checkpoint(path)
+    meta = read_task_sidecar(path, "segment")
     model = build_lung_unet(**meta["model"])
     load_checkpoint(path, model)
     settings = SegmentConfig.model_validate(meta["config"]["segment"])

@@ -9,7 +9,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,9 +85,9 @@ def load_classifier(checkpoint: str | Path, device: str = "cpu") -> tuple[nn.Mod
 
     Returns (model in eval mode, meta).
     """
-    from pipeline.checkpoint import load_checkpoint, sidecar_path
+    from pipeline.checkpoint import load_checkpoint, read_task_sidecar
 
-    meta = json.loads(sidecar_path(checkpoint).read_text(encoding="utf-8"))
+    meta = read_task_sidecar(checkpoint, "classify")
     cfg = ClassifyConfig.model_validate(meta["classify"])
     members = [
         build_model(model_cfg, int(meta["in_channels"]), max(len(meta["classes"]), 2))
