@@ -3,10 +3,12 @@
 ``run_cases`` runs a function over cases serially (``workers=0``), on a pool of local processes
 (``workers=N``) or on an existing Dask distributed cluster (``scheduler="tcp://host:8786"``; start
 one on SLURM/PBS with dask-jobqueue, see README). The ledger semantics are the same in every mode.
-Each case's outcome is one ledger row ``case_id, status, reason, seconds, output``
-with status ``ok``, ``skipped`` or ``error``. Rows are appended and flushed as cases finish, so a
-killed run loses at most the cases in flight; at the end the ledger is rewritten with exactly one row
-per case. An exception in one case becomes that case's error row; the batch goes on.
+Each case's outcome is one ledger row ``case_id, status, reason, seconds, output, signature``
+with status ``ok``, ``skipped`` or ``error``; ``signature`` identifies the inputs and settings the
+case ran with (``case_signature``), so a rerun redoes a case whose file or model changed. Rows
+are appended and flushed as cases finish, so a killed run loses at most the cases in flight; at the
+end the ledger is rewritten with exactly one row per case. An exception in one case becomes that
+case's error row; the batch goes on.
 
 The case function runs in the worker and must write its own outputs atomically; the parent process
 is the only writer of the ledger.
@@ -19,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import multiprocessing
 import os
@@ -34,7 +37,7 @@ from tqdm.auto import tqdm
 
 from pipeline.io import atomic_path
 
-__all__ = ["Ledger", "ResultTable", "Row", "Task", "run_cases", "run_into_table"]
+__all__ = ["Ledger", "ResultTable", "Row", "Task", "case_signature", "run_cases", "run_into_table"]
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Row:
     reason: str = ""
     seconds: float = 0.0
     output: str = ""
+    signature: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def record(self) -> dict[str, str]:
@@ -64,6 +68,17 @@ class Task:
 
     case_id: str
     payload: Any
+    signature: str = ""
+
+
+def case_signature(base: str, paths: Iterable[Path | None]) -> str:
+    """A short hash of ``base`` (the run's parameters) and the size and mtime of each input path."""
+    parts = [base]
+    for path in paths:
+        if path is not None and path.exists():
+            st = path.stat()
+            parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 class Ledger:
@@ -86,7 +101,12 @@ class Ledger:
                 except ValueError:
                     continue
                 latest[rec["case_id"]] = Row(
-                    rec["case_id"], rec["status"], rec["reason"], seconds, rec["output"]
+                    rec["case_id"],
+                    rec["status"],
+                    rec["reason"],
+                    seconds,
+                    rec["output"],
+                    rec.get("signature") or "",
                 )
         return latest
 
@@ -102,9 +122,10 @@ class Ledger:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def compact(self, order: Sequence[str]) -> None:
-        """Rewrite the ledger atomically with one row per case, in the given order."""
-        latest = self.rows()
+    def compact(self, order: Sequence[str], replace: dict[str, Row] | None = None) -> None:
+        """Rewrite the ledger atomically with one row per case, in the given order (``replace``:
+        rows that take the place of a case's latest one)."""
+        latest = {**self.rows(), **(replace or {})}
         with atomic_path(self.path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, COLUMNS)
             writer.writeheader()
@@ -118,8 +139,8 @@ class ResultTable:
 
     Rows are kept in input order and the file is rewritten atomically at most every
     ``interval`` seconds while cases finish, and once at the end (``write``). A rerun treats a case as
-    done only if the ledger says ``ok`` *and* its row is in the table, so a row lost to a kill
-    between two rewrites just gets its case redone.
+    done only if the ledger says ``ok`` (or ``skipped``: done by a run before) *and* its row is in the
+    table, so a row lost to a kill between two rewrites just gets its case redone.
     """
 
     def __init__(self, path: str | Path, columns: Sequence[str], order: Sequence[str], interval: float = 2.0):
@@ -129,7 +150,7 @@ class ResultTable:
 
     def resume(self, ledger: Ledger) -> set[str]:
         """Load the rows of the cases a previous run finished; return their ids."""
-        finished = {cid for cid, row in ledger.rows().items() if row.status == "ok"}
+        finished = {cid for cid, row in ledger.rows().items() if row.status in ("ok", "skipped")}
         if self.path.is_file():
             with self.path.open(newline="", encoding="utf-8") as fh:
                 self.rows = {r["case_id"]: r for r in csv.DictReader(fh) if r["case_id"] in finished}
@@ -186,8 +207,10 @@ def run_cases(
     """
     tasks = list(tasks)
     rows: list[Row] = []
+    signatures = {t.case_id: t.signature for t in tasks}
 
     def finish(row: Row) -> None:
+        row.signature = signatures.get(row.case_id, "")
         ledger.append(row)
         rows.append(row)
         if on_row is not None:
@@ -226,22 +249,38 @@ def run_into_table(
     workers: int = 0,
     scheduler: str | None = None,
     finished: Callable[[str], bool] | None = None,
+    signatures: dict[str, str] | None = None,
 ) -> None:
     """Run ``fn`` on every case (``payloads``: case id → payload) a previous run did not finish, and
     keep the ledger and ``table`` (one record per case, by ``to_record``) in input order.
 
-    A case counts as finished if the ledger says ok, its row is in the table and ``finished(case_id)``
-    (for example: its output file exists).
+    A case counts as finished if the ledger says it was done (ok, or skipped as done before), its
+    row is in the table, its ledger signature equals ``signatures[case_id]`` (the same input files,
+    model and options) and ``finished(case_id)`` (for example: its output file exists). Finished
+    cases get a ``skipped`` ledger row; the others are run, and a changed one replaces its old row.
     """
+    signatures = signatures or {}
     ledger = Ledger(ledger_path)
-    done = {cid for cid in table.resume(ledger) if finished is None or finished(cid)}
-    tasks = [Task(cid, payload) for cid, payload in payloads.items() if cid not in done]
+    before = ledger.rows()
+    done = {
+        cid
+        for cid in table.resume(ledger)
+        if before[cid].signature == signatures.get(cid, "") and (finished is None or finished(cid))
+    }
+    table.rows = {cid: row for cid, row in table.rows.items() if cid in done}
+    tasks = [
+        Task(cid, payload, signatures.get(cid, "")) for cid, payload in payloads.items() if cid not in done
+    ]
 
     def record(row: Row) -> None:
         table.put(row.case_id, to_record(row))
 
     run_cases(fn, tasks, ledger, workers=workers, desc=desc, on_row=record, scheduler=scheduler)
-    ledger.compact(table.order)
+    skipped = {
+        cid: Row(cid, "skipped", "done by an earlier run", 0.0, before[cid].output, before[cid].signature)
+        for cid in done
+    }
+    ledger.compact(table.order, replace=skipped)
     table.write()
 
 

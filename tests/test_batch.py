@@ -46,7 +46,7 @@ def test_ledger_ignores_a_torn_last_line_and_compacts_to_one_row_per_case(tmp_pa
     assert ledger.rows()["a"].status == "ok"
     ledger.compact(["b", "a", "c"])
     lines = ledger.path.read_text().splitlines()
-    assert lines[0] == "case_id,status,reason,seconds,output"
+    assert lines[0] == "case_id,status,reason,seconds,output,signature"
     assert [line.split(",")[0] for line in lines[1:]] == ["b", "a"]
 
 

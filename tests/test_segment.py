@@ -394,10 +394,19 @@ def test_corrupt_scan_gets_an_error_row_and_the_batch_resumes(trained, tmp_path)
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["good1.nii.gz", "good2.nii.gz"]
     volumes = {r["case_id"]: r for r in csv.DictReader((out / "volumes.csv").open())}
     assert volumes["broken"]["status"] == "error" and float(volumes["good1"]["total_ml"]) > 0
-    stamp = (out / "masks" / "good1.nii.gz").stat().st_mtime_ns
+    stamps = {n: (out / "masks" / f"good{n}.nii.gz").stat().st_mtime_ns for n in (1, 2)}
     run_predict_segment(trained.run_dir / "segment", folder, tmp_path / "out")  # resumes: good cases kept
-    assert (out / "masks" / "good1.nii.gz").stat().st_mtime_ns == stamp
+    assert {n: (out / "masks" / f"good{n}.nii.gz").stat().st_mtime_ns for n in (1, 2)} == stamps
     assert len(list(csv.DictReader((out / "volumes.csv").open()))) == 3
+    ledger = {r["case_id"]: r for r in csv.DictReader((out / "ledger.csv").open())}
+    assert ledger["good1"]["status"] == "skipped" and ledger["broken"]["status"] == "error"
+    replaced = synth_case(300)  # a different scan under the same name is redone, the other kept
+    save(folder / "good2.nii.gz", replaced.image, replaced.affine)
+    run_predict_segment(trained.run_dir / "segment", folder, tmp_path / "out")
+    assert (out / "masks" / "good1.nii.gz").stat().st_mtime_ns == stamps[1]
+    assert np.allclose(nib.load(out / "masks" / "good2.nii.gz").affine, replaced.affine)
+    run_predict_segment(trained.run_dir / "segment", folder, tmp_path / "out", flip_tta=True)  # new option
+    assert (out / "masks" / "good1.nii.gz").stat().st_mtime_ns != stamps[1]
 
 
 def test_evaluation_writes_metrics_for_the_test_split(trained):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.batch import ResultTable, Row, run_into_table
+from pipeline.batch import ResultTable, Row, case_signature, run_into_table
 from pipeline.config import IOConfig, PreprocessConfig
 from pipeline.io import remove_stale_temps
 from pipeline.manifest import Case, input_cases
@@ -90,6 +90,8 @@ def run_predict_classify(
     cases = input_cases(Path(inputs))
     images = {c.case_id: str(c.image) for c in cases}
     table = ResultTable(out / "predictions.csv", PREDICTION_COLUMNS, [c.case_id for c in cases])
+    # a rerun redoes a case whose scan, mask, checkpoint or threshold changed since it was done
+    base = case_signature("classify", (model_dir / "checkpoint.pt", model_dir / "metrics.json"))
     run_into_table(
         classify_case,
         {c.case_id: (model_dir, c) for c in cases},
@@ -99,5 +101,6 @@ def run_predict_classify(
         desc="classify",
         workers=workers,
         scheduler=scheduler,
+        signatures={c.case_id: case_signature(base, (c.image, c.mask)) for c in cases},
     )
     return table.path

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.batch import ResultTable, Row, run_into_table
+from pipeline.batch import ResultTable, Row, case_signature, run_into_table
 from pipeline.checkpoint import load_checkpoint, read_task_sidecar
 from pipeline.config import SegmentConfig
 from pipeline.io import Volume, read_volume, remove_stale_temps, write_like
@@ -196,10 +196,12 @@ def run_predict_segment(
     ``segment.flip_tta`` (``load_segmenter``).
     """
     model_dirs, out = _model_dirs(model_dir), Path(out)
-    load_segmenter(model_dirs)  # fail early on a missing or broken checkpoint
+    segmenter = load_segmenter(model_dirs, flip_tta)  # fail early on a missing or broken checkpoint
     remove_stale_temps(out)
     cases = input_cases(inputs)
     table = ResultTable(out / "volumes.csv", VOLUME_COLUMNS, [c.case_id for c in cases])
+    # a rerun redoes a case whose scan, nets or settings changed since it was done
+    base = case_signature(segmenter.settings.model_dump_json(), [d / "checkpoint.pt" for d in model_dirs])
     run_into_table(
         predict_case,
         {c.case_id: (model_dirs, c, out, flip_tta) for c in cases},
@@ -210,5 +212,6 @@ def run_predict_segment(
         workers=workers,
         scheduler=scheduler,
         finished=lambda cid: (out / "masks" / f"{cid}.nii.gz").is_file(),
+        signatures={c.case_id: case_signature(base, (c.image,)) for c in cases},
     )
     return out

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from pipeline.batch import Ledger, Row, Task, run_cases
+from pipeline.batch import Ledger, Row, Task, case_signature, run_cases
 from pipeline.config import Config, IOConfig, PreprocessConfig, save_config
 from pipeline.io import Volume, VolumeError, atomic_path, read_volume, remove_stale_temps
 from pipeline.manifest import Case, CaseSet, assign_splits, discover_folder, read_manifest
@@ -160,16 +160,6 @@ def _work(payload: tuple[Case, Config, str, Path]) -> Row:
     return Row(case.case_id, "ok", output=str(out), extra={"stats": stats})
 
 
-def _case_hash(base: str, case: Case) -> str:
-    """The run parameters plus the identity (size, mtime) of the case's input files."""
-    parts = [base]
-    for path in (case.image, case.mask):
-        if path is not None and path.exists():
-            st = path.stat()
-            parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
 def load_cases(config: Config) -> CaseSet:
     """The validated cases of the config's manifest or input folder, with a split for each."""
     data = config.data
@@ -227,13 +217,15 @@ def run_preprocess(config: Config) -> Path:
     tasks = []
     for case in case_set.cases:
         entry = cache_dir / f"{case.case_id}.npz"
-        case_hash = _case_hash(base_hash, case)
+        case_hash = case_signature(base_hash, (case.image, case.mask))
         if case.problem:
             ledger.append(Row(case.case_id, "error", f"{case_set.source}: {case.problem}"))
         elif valid_entry(entry, case_hash):
-            ledger.append(Row(case.case_id, "skipped", "valid cache entry", output=str(entry)))
+            ledger.append(
+                Row(case.case_id, "skipped", "valid cache entry", output=str(entry), signature=case_hash)
+            )
         else:
-            tasks.append(Task(case.case_id, (case, config, case_hash, entry)))
+            tasks.append(Task(case.case_id, (case, config, case_hash, entry), case_hash))
     pcfg = config.preprocess
     done = run_cases(_work, tasks, ledger, workers=pcfg.workers, desc="preprocess", scheduler=pcfg.scheduler)
     order = [c.case_id for c in case_set.cases]
