@@ -376,6 +376,8 @@ def write_like(
     if is_nifti(ref_path) and ref_path.is_file():
         ref_header = nib.load(ref_path).header
         ref_shape = tuple(int(s) for s in ref_header.get_data_shape()[:3])
+        if len(ref_shape) < 3 and array.shape[len(ref_shape) :] == (1,) * (3 - len(ref_shape)):
+            array = np.asarray(array).reshape(ref_shape)  # a 2D file's mask keeps its two axes
         _check_shape(array, ref_shape, ref_path)
         header = ref_header.copy()
         header["descrip"] = b"medpipe"

@@ -369,16 +369,19 @@ def test_an_ensemble_refuses_nets_trained_on_other_slices(trained, tmp_path):
         load_segmenter([trained.run_dir / "segment", other])
 
 
-def test_single_slice_input_gives_a_valid_mask(trained, tmp_path):
+@pytest.mark.parametrize("two_d", [False, True], ids=["HxWx1", "HxW"])
+def test_single_slice_input_gives_a_valid_mask(trained, tmp_path, two_d):
     case = synth_case(7)
     z = int(np.argmax((case.mask > 0).sum(axis=(0, 1))))
     slice_affine = case.affine.copy()
     slice_affine[:3, 3] = case.affine[:3, :3] @ [0, 0, z] + case.affine[:3, 3]
-    scan = save(tmp_path / "slice.nii.gz", case.image[:, :, z : z + 1], slice_affine)
+    image = case.image[:, :, z] if two_d else case.image[:, :, z : z + 1]
+    scan = save(tmp_path / "slice.nii.gz", image, slice_affine)
     out = run_predict_segment(trained.run_dir / "segment", scan, tmp_path / "out")
-    labels = np.asarray(nib.load(out / "masks" / "slice.nii.gz").dataobj)
-    assert labels.shape == (*case.image.shape[:2], 1)
-    assert dice(labels, case.mask[:, :, z : z + 1]) > 0.9
+    written = nib.load(out / "masks" / "slice.nii.gz")
+    assert written.shape == image.shape and np.array_equal(written.affine, nib.load(scan).affine)
+    truth = case.mask[:, :, z] if two_d else case.mask[:, :, z : z + 1]
+    assert dice(np.asarray(written.dataobj), truth) > 0.9
 
 
 def test_corrupt_scan_gets_an_error_row_and_the_batch_resumes(trained, tmp_path):
