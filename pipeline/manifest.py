@@ -109,13 +109,24 @@ def _resolve(root: Path, value: str, allow_outside: bool) -> tuple[Path, str | N
     return path, None
 
 
+# Two-class labels where one is one of these (any case) make that one class 0, the negative class,
+# whatever the alphabet says: "lesion, normal" must not make "normal" the positive class.
+NEGATIVE_NAMES = frozenset(
+    {"normal", "negative", "healthy", "benign", "control", "absent", "no", "none", "false"}
+)
+
+
 def _class_names(labels: list[str], declared: list[str] | None) -> list[str]:
-    """Declared class names, or the sorted distinct labels (numerically when all are integers)."""
+    """Declared class names, or the sorted distinct labels (numerically when all are integers; a
+    conventional negative name such as "normal" first when there are two)."""
     if declared:
         return list(declared)
     distinct = sorted(set(labels))
     if all(s.lstrip("-").isdigit() for s in distinct):
         return [str(v) for v in sorted(int(s) for s in distinct)]
+    negative = [name.lower() in NEGATIVE_NAMES for name in distinct]
+    if negative == [False, True]:
+        return distinct[::-1]
     return distinct
 
 
@@ -249,10 +260,10 @@ def _group_label(cases: list[Case]) -> int:
 def assign_splits(case_set: CaseSet, val_fraction: float, test_fraction: float, seed: int) -> CaseSet:
     """Give every usable case without a split one: stratified, patient-grouped, deterministic.
 
-    Patients are shuffled (by ``seed``) within each label stratum, and the strata are walked in
-    turn; each patient goes to the split furthest below its share of the cases dealt so far. Whole
-    patients move, so none crosses splits, and every split stays within one patient of its share,
-    overall and per stratum, for any cohort size. Cases that already have a split keep it.
+    Each label stratum's cases are shared out between the splits by the largest-remainder rule (5
+    positives at 70/15/15% give 3/1/1, so a small cohort's val and test splits still hold both
+    classes); its patients, shuffled by ``seed``, then go one by one to the split furthest below its
+    share. Whole patients move, so none crosses splits. Cases that already have a split keep it.
     """
     groups: dict[str, list[int]] = {}
     for i, case in enumerate(case_set.cases):
@@ -262,16 +273,15 @@ def assign_splits(case_set: CaseSet, val_fraction: float, test_fraction: float, 
     for group, members in groups.items():
         strata.setdefault(_group_label([case_set.cases[i] for i in members]), []).append(group)
     fractions = {"train": 1.0 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}
-    counts = dict.fromkeys(fractions, 0)
-    dealt = 0
     rng = np.random.default_rng(seed)
     split_of: dict[str, str] = {}
     for label in sorted(strata):
         names = sorted(strata[label])
         rng.shuffle(names)
+        target = _largest_remainder(sum(len(groups[g]) for g in names), fractions)
+        counts = dict.fromkeys(fractions, 0)
         for group in names:
-            dealt += len(groups[group])
-            split = max(fractions, key=lambda s: fractions[s] * dealt - counts[s])
+            split = max(fractions, key=lambda s: (target[s] - counts[s], fractions[s]))
             counts[split] += len(groups[group])
             split_of[group] = split
     cases = [
@@ -279,6 +289,17 @@ def assign_splits(case_set: CaseSet, val_fraction: float, test_fraction: float, 
         for c in case_set.cases
     ]
     return CaseSet(cases, case_set.classes, case_set.source)
+
+
+def _largest_remainder(n: int, fractions: dict[str, float]) -> dict[str, int]:
+    """``n`` items shared out in proportion to ``fractions``: floors, then one more each for the
+    largest remainders (earlier names first on a tie)."""
+    quotas = {name: n * f for name, f in fractions.items()}
+    shares = {name: int(np.floor(q + 1e-9)) for name, q in quotas.items()}
+    order = sorted(quotas, key=lambda name: shares[name] - quotas[name])
+    for name in order[: n - sum(shares.values())]:
+        shares[name] += 1
+    return shares
 
 
 def input_cases(inputs: Path) -> list[Case]:

@@ -135,13 +135,30 @@ def test_unknown_label_with_declared_classes(data):
     assert cases["b"].label is None and cases["c"].label is None
 
 
+@pytest.mark.parametrize(
+    ("labels", "classes"),
+    [
+        (("lesion", "normal", "lesion"), ["normal", "lesion"]),  # a negative name is class 0
+        (("Tumour", "Healthy", "Tumour"), ["Healthy", "Tumour"]),
+        (("mass", "cyst", "mass"), ["cyst", "mass"]),  # otherwise sorted
+        (("benign", "normal", "mass"), ["benign", "mass", "normal"]),  # three classes: sorted
+        (("10", "9", "9"), ["9", "10"]),  # integers numerically
+    ],
+)
+def test_inferred_class_order(data, labels, classes):
+    rows = "".join(f"{n},images/{n}.nii.gz,{label}\n" for n, label in zip("abc", labels, strict=True))
+    case_set = read_manifest(write_manifest(data, "case_id,image,label\n" + rows))
+    assert case_set.classes == classes
+    assert [case_set.classes[c.label] for c in case_set.cases] == list(labels)
+
+
 def test_labels_as_names_and_as_indices(data):
     text = "case_id,image,label\na,images/a.nii.gz,{}\nb,images/b.nii.gz,{}\nc,images/c.nii.gz,{}\n"
     declared = read_manifest(write_manifest(data, text.format("mass", "0", "1")), classes=["normal", "mass"])
     assert [c.label for c in declared.cases] == [1, 0, 1] and declared.problems == []
     # Undeclared names: the sorted distinct names.
-    names = read_manifest(write_manifest(data, text.format("normal", "mass", "normal")))
-    assert names.classes == ["mass", "normal"] and [c.label for c in names.cases] == [1, 0, 1]
+    names = read_manifest(write_manifest(data, text.format("tumour", "mass", "tumour")))
+    assert names.classes == ["mass", "tumour"] and [c.label for c in names.cases] == [1, 0, 1]
     # Undeclared integers: sorted numerically (so "10" comes after "2").
     ints = read_manifest(write_manifest(data, text.format("10", "2", "0")))
     assert ints.classes == ["0", "2", "10"] and [c.label for c in ints.cases] == [2, 1, 0]
@@ -235,6 +252,18 @@ def test_split_is_grouped_by_patient_and_about_stratified(seed):
         # Positives also move in whole patients of 2 or 3 cases, so the nearest reachable positive
         # count can be off the split's share by up to 2 cases; more means it was not stratified.
         assert abs(sum(labels) - overall * len(labels)) <= 2, (split, sum(labels), len(labels))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_small_cohort_keeps_both_classes_in_val_and_test(seed):
+    """The quick demo's shape: 24 single-case patients, 5 positive, 15% val and test. Shares are
+    rounded per class (negatives 19 -> 13/3/3, positives 5 -> 3/1/1), not left to the order of the
+    deal, which gave the test split no positive."""
+    cases = [Case(f"c{i:02d}", Path(f"/nowhere/c{i:02d}.nii.gz"), label=int(i < 5)) for i in range(24)]
+    split = assign_splits(CaseSet(cases, ["neg", "pos"]), 0.15, 0.15, seed=seed).cases
+    for name, (total, positives) in {"train": (16, 3), "val": (4, 1), "test": (4, 1)}.items():
+        labels = [c.label for c in split if c.split == name]
+        assert (len(labels), sum(labels)) == (total, positives), name
 
 
 def test_split_is_more_stratified_than_a_plain_patient_split():

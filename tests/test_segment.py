@@ -25,10 +25,11 @@ from pipeline.evaluate.segmentation import case_metrics, run_evaluate_segment
 from pipeline.infer.segment import load_segmenter, run_predict_segment, segment_volume
 from pipeline.io import read_volume
 from pipeline.manifest import Case
+from pipeline.preprocess.stage import load_cases
 from pipeline.segment.postprocess import LEFT, RIGHT, lung_volumes, postprocess
 from pipeline.segment.slices import SliceParams, crop_resize, prepare_slices, restore_slices
-from pipeline.synth import generate_case
-from pipeline.train.segment import axial_stack, load_slices, predict_slices, run_train_segment
+from pipeline.synth import generate_case, write_cohort
+from pipeline.train.segment import axial_stack, load_slices, predict_slices, run_train_segment, segment_cases
 
 SHAPE = (64, 64, 12)
 SPACING = (5.0, 5.0, 10.0)
@@ -449,3 +450,16 @@ def test_short_training_on_kmader_reaches_validation_dice(shared_data, tmp_path)
     out = run_train_segment(config)
     meta = json.loads((out / "checkpoint.json").read_text())
     assert meta["val_metrics"]["dice"] > 0.90
+
+
+def test_segment_training_uses_the_split_preprocess_made(tmp_path):
+    """With ``data.classes`` reordering the labels (as the demo does), segment's split is still
+    preprocess's, so the report's split table and the segmentation test cases agree."""
+    manifest = write_cohort(tmp_path / "cohort", 24, 0.3, size=48, depth=16, seed=0)
+    overrides = {"data.manifest": str(manifest), "data.classes": ["normal", "lesion"]}
+    config = Config.model_validate({"run": str(tmp_path / "run"), "data": {"manifest": str(manifest)}})
+    config = config.model_copy(
+        update={"data": config.data.model_copy(update={"classes": overrides["data.classes"]})}
+    )
+    splits = {c.case_id: c.split for c in load_cases(config).cases}
+    assert {c.case_id: c.split for c in segment_cases(config)} == splits

@@ -42,8 +42,9 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from pipeline.config import Config, Precision, SegmentConfig, save_config
 from pipeline.io import atomic_path, read_volume
-from pipeline.manifest import Case, assign_splits, read_manifest
+from pipeline.manifest import Case
 from pipeline.models.lung_unet import build_lung_unet
+from pipeline.preprocess.stage import load_cases
 from pipeline.segment.slices import SliceParams, crop_resize, prepare_slices, to_canonical
 from pipeline.train import distributed
 from pipeline.train.loop import LoopSettings, fit, seed_everything
@@ -86,11 +87,11 @@ def axial_stack(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def segment_cases(config: Config) -> list[Case]:
-    """The usable cases of ``config.data.manifest`` that have a mask, each with a split."""
+    """The usable cases of ``config.data.manifest`` that have a mask, each with the split that
+    ``preprocess`` gives it too (``load_cases``), so both stages test on the same cases."""
     if config.data.manifest is None:
         raise ValueError("segment training needs data.manifest (a CSV with image and mask columns)")
-    cases = read_manifest(config.data.manifest, allow_outside=config.data.allow_outside_paths)
-    cases = assign_splits(cases, config.data.val_fraction, config.data.test_fraction, config.data.seed)
+    cases = load_cases(config)
     usable = [c for c in cases.cases if c.problem is None and c.mask is not None]
     if not usable:
         raise ValueError(f"{config.data.manifest}: no usable case with a mask ({cases.problems[:3]})")
