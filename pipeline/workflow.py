@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.io import atomic_path
+from pipeline.io import write_json
 
 __all__ = ["STAGES", "predict_dir", "record_timings", "run_stages"]
 
@@ -84,9 +84,7 @@ def record_timings(run: Path, timings: dict[str, float]) -> None:
     path = run / "timings.json"
     merged = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     merged.update({step: round(seconds, 2) for step, seconds in timings.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(merged, indent=2), encoding="utf-8")
+    write_json(path, merged)
 
 
 def run_stages(config: Config, stages: list[str] | None = None) -> dict[str, float]:

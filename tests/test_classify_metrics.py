@@ -56,3 +56,24 @@ def test_confidence_intervals_bracket_the_estimate():
         assert v["ci_low"] <= v["value"] <= v["ci_high"] and v["ci_high"] - v["ci_low"] < 0.5
     assert m["accuracy"]["ci_high"] - m["accuracy"]["ci_low"] > 0.02
     assert sum(map(sum, m["confusion_matrix"])) == 100 and m["threshold"] == 0.5
+
+
+def test_undefined_metrics_are_null_in_strict_json(tmp_path):
+    """A test split without positives has no sensitivity; no positive prediction, no precision.
+    Both are NaN in memory and null on disk (strict JSON, as browsers parse it), not 0."""
+    import json
+
+    from pipeline.io import write_json
+
+    no_positives = metrics_with_ci(np.array([0, 0, 0, 0]), np.array([0.1, 0.7, 0.2, 0.3]), 0.5, n_boot=50)
+    assert np.isnan(no_positives["sensitivity"]["value"]) and no_positives["specificity"]["value"] == 0.75
+    nothing_called = metrics_with_ci(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4]), 0.9, n_boot=50)
+    assert np.isnan(nothing_called["precision"]["value"]) and nothing_called["sensitivity"]["value"] == 0.0
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    path = write_json(tmp_path / "metrics.json", {"test": no_positives, "inf": float("inf")})
+    data = json.loads(path.read_text(), parse_constant=refuse)
+    assert data["test"]["sensitivity"] == {"value": None, "ci_low": None, "ci_high": None}
+    assert data["test"]["specificity"]["value"] == 0.75 and data["inf"] is None

@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +37,7 @@ from sklearn.metrics import (
 
 from pipeline.config import Config
 from pipeline.evaluate.bootstrap import bootstrap_ci
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, write_json
 from pipeline.models import load_classifier, model_spec
 
 __all__ = [
@@ -50,13 +49,15 @@ __all__ = [
     "threshold_cases",
 ]
 
+# A metric whose denominator is empty (sensitivity of a split without positives, precision with no
+# positive prediction) is NaN, written as null: undefined, not 0, and left out of the bootstrap.
 THRESHOLD_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": accuracy_score,
     "balanced_accuracy": balanced_accuracy_score,
-    "sensitivity": lambda y, pred: recall_score(y, pred, pos_label=1, zero_division=0),
-    "specificity": lambda y, pred: recall_score(y, pred, pos_label=0, zero_division=0),
-    "precision": lambda y, pred: precision_score(y, pred, zero_division=0),
-    "f1": lambda y, pred: f1_score(y, pred, zero_division=0),
+    "sensitivity": lambda y, pred: recall_score(y, pred, pos_label=1, zero_division=np.nan),
+    "specificity": lambda y, pred: recall_score(y, pred, pos_label=0, zero_division=np.nan),
+    "precision": lambda y, pred: precision_score(y, pred, zero_division=np.nan),
+    "f1": lambda y, pred: f1_score(y, pred, zero_division=np.nan),
 }
 
 
@@ -153,8 +154,7 @@ def run_evaluate_classify(config: Config) -> Path:
             "at_0.5": metrics_with_ci(test.labels, test_scores, 0.5, cfg.n_boot, cfg.seed),
         },
     }
-    with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    write_json(out / "metrics.json", metrics)
     with atomic_path(out / "test_predictions.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["case_id", "label", "probability", "prediction"])

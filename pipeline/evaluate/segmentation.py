@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import json
 import warnings
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 from pipeline.config import Config
 from pipeline.evaluate.bootstrap import bootstrap_ci
 from pipeline.infer.segment import load_segmenter, segment_volume
-from pipeline.io import atomic_path, read_volume
+from pipeline.io import atomic_path, read_volume, write_json
 from pipeline.train.segment import segment_cases
 
 __all__ = ["METRICS", "case_metrics", "run_evaluate_segment", "summarise"]
@@ -106,6 +105,5 @@ def run_evaluate_segment(config: Config, flip_tta: bool | None = None) -> Path:
         **{name: summarise(np.array([r[name] for r in rows])) for name in METRICS},
         "worst_dice": [{"case_id": r["case_id"], "dice": r["dice"]} for r in worst],
     }
-    with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    write_json(out / "metrics.json", metrics)
     return out

@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from pipeline.batch import Ledger, Row, Task, case_signature, run_cases
 from pipeline.config import Config, IOConfig, PreprocessConfig, save_config
-from pipeline.io import Volume, VolumeError, atomic_path, read_volume, remove_stale_temps
+from pipeline.io import Volume, VolumeError, atomic_path, read_volume, remove_stale_temps, write_json
 from pipeline.manifest import Case, CaseSet, assign_splits, discover_folder, read_manifest
 from pipeline.preprocess.cache import load_meta, save_entry, valid_entry
 from pipeline.preprocess.fingerprint import fingerprint
@@ -194,11 +194,6 @@ def _write_cases(path: Path, case_set: CaseSet, rows: dict[str, Row], out: Path)
             )
 
 
-def _write_json(path: Path, data: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-
-
 def run_preprocess(config: Config) -> Path:
     """Run the preprocess stage; return ``RUN/preprocess``."""
     out = config.run_dir / "preprocess"
@@ -236,7 +231,7 @@ def run_preprocess(config: Config) -> Path:
         if row.status in ("ok", "skipped") and cid not in stats:
             stats[cid] = load_meta(row.output)["stats"]
     _write_cases(out / "cases.csv", case_set, rows, out)
-    _write_json(out / "params.json", params)
-    _write_json(out / "fingerprint.json", fingerprint(case_set, rows, stats))
+    write_json(out / "params.json", params)
+    write_json(out / "fingerprint.json", fingerprint(case_set, rows, stats))
     save_config(config, out / "config.yaml")
     return out

@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import Config
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, write_json
 from pipeline.report.blocks import Figures
 from pipeline.report.classifier import classifier_section
 from pipeline.report.html import render
@@ -88,6 +87,6 @@ def run_report(config: Config) -> Path:
         run_dir=str(run.root.resolve()),
         version=medpipe,
     )
-    _write(out / "metrics.json", json.dumps({"run": _run_name(run, config), **metrics}, indent=2))
+    write_json(out / "metrics.json", {"run": _run_name(run, config), **metrics})
     _write(out / "index.html", page)
     return out / "index.html"

@@ -47,7 +47,7 @@ from pipeline.augment import require_whole_volume_slabs, view_augmentation, volu
 from pipeline.balance import balance
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ClassifyConfig, Config, PreprocessConfig, save_config
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, write_json
 from pipeline.models import build_model, model_spec
 from pipeline.models.ensemble import Ensemble
 from pipeline.preprocess.cache import load_entry
@@ -256,8 +256,7 @@ def _fit_member(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) -
     )
     out.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
-        with atomic_path(out / "balance.json") as tmp:
-            tmp.write_text(json.dumps(balancing.report(classes), indent=2), encoding="utf-8")
+        write_json(out / "balance.json", balancing.report(classes))
     dataset = CaseDataset(train, run.transform)
     loader = DataLoader(
         dataset,
@@ -372,8 +371,7 @@ def _train_folds(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) 
         return
     val_metrics = split_metrics(val.labels, predict_proba(ensemble, val.inputs, device=cfg.device))
     balancing = balance(cfg.balance, train.labels, max(len(meta["classes"]), 2))
-    with atomic_path(out / "balance.json") as tmp:
-        tmp.write_text(json.dumps(balancing.report(meta["classes"]), indent=2), encoding="utf-8")
+    write_json(out / "balance.json", balancing.report(meta["classes"]))
     save_checkpoint(
         out / "checkpoint.pt",
         ensemble,
