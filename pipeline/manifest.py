@@ -242,7 +242,7 @@ def discover_folder(folder: str | Path) -> CaseSet:
         for path in leftovers:
             if path.resolve() not in in_series:
                 cid = "__".join(path.relative_to(root).parts)
-                cases.append(Case(cid, path, problem="not a recognised image file or DICOM series"))
+                cases.append(Case(cid, path, problem=f"{path}: not a recognised image file or DICOM series"))
     counts = Counter(c.case_id for c in cases)
     duplicated = sorted(cid for cid, n in counts.items() if n > 1)
     if duplicated:
@@ -305,13 +305,15 @@ def _largest_remainder(n: int, fractions: dict[str, float]) -> dict[str, int]:
 def input_cases(inputs: Path) -> list[Case]:
     """The cases of a prediction input: a manifest CSV, a folder of scans, or one scan file.
 
-    Paths in a manifest may point anywhere (the user named them); a missing single file becomes a
-    case with a problem, so it still gets its error row.
+    Paths in a manifest may point anywhere (the user named them). An input that does not exist at
+    all is a mistyped argument, not a case, so it raises ``FileNotFoundError`` naming it.
     """
     inputs = Path(inputs)
+    if not inputs.exists():
+        raise FileNotFoundError(f"{inputs}: no such file or folder")
     if inputs.is_file() and inputs.suffix.lower() == ".csv":
-        return read_manifest(inputs, allow_outside=True).cases
+        cases = read_manifest(inputs, allow_outside=True).cases
+        return [replace(c, problem=f"{inputs}: {c.problem}") if c.problem else c for c in cases]
     if inputs.is_dir():
         return discover_folder(inputs).cases
-    problem = None if inputs.exists() else "file not found"
-    return [Case(_image_stem(inputs) or inputs.stem, inputs, problem=problem)]
+    return [Case(_image_stem(inputs) or inputs.stem, inputs)]

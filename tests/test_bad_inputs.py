@@ -299,9 +299,15 @@ def test_mask_on_another_grid_is_an_error_naming_the_mask(tmp_path, make_ct):
     image = read_volume(make_ct(tmp_path / "ct.nii.gz"))
     mask = read_volume(make_ct(tmp_path / "mask_wrong_grid.nii.gz", shape=(20, 20, 16), dtype=np.uint8))
     cfg = load_config(None, **{"preprocess.shape": [16, 16, 16]}).preprocess
-    with pytest.raises(VolumeError, match=r"mask grid .* does not match the image grid") as info:
+    with pytest.raises(VolumeError, match=r"mask shape \(20, 20, 16\) does not match the image's") as info:
         preprocess_volume(image, mask, cfg)
     assert "mask_wrong_grid.nii.gz" in str(info.value)
+    shifted = np.diag([1.5, 1.5, 2.5, 1.0])  # the image's shape and spacing, another origin
+    mask = read_volume(make_ct(tmp_path / "mask_shifted.nii.gz", affine=shifted, dtype=np.uint8))
+    with pytest.raises(
+        VolumeError, match=r"mask_shifted.*differs .* by up to 18.8 mm .*origin \[0.0, 0.0, 0.0\]"
+    ):
+        preprocess_volume(image, mask, cfg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -137,6 +137,25 @@ def test_predict_folder_with_a_corrupt_file_resumes(trained):
     assert (root / "pred" / "ledger.csv").read_text().count("c00") == ledger_before
 
 
+def test_predict_refuses_inputs_it_cannot_use_up_front(trained, tmp_path, monkeypatch, capsys):
+    from pipeline.infer import classify
+
+    _, root, out = trained
+    missing = tmp_path / "no_such_folder"
+    assert (
+        main(["predict", "classify", "--model", str(out), "--input", str(missing), "--out", str(tmp_path)])
+        == 2
+    )
+    assert f"{missing}: no such file or folder" in capsys.readouterr().err
+    model, meta, threshold = classify._classifier(out.resolve())
+    views = {**meta["preprocess"]["views"], "within_mask": True}  # a model that crops its views to the mask
+    needs_masks = {**meta, "preprocess": {**meta["preprocess"], "views": views}}
+    monkeypatch.setattr(classify, "_classifier", lambda model_dir: (model, needs_masks, threshold))
+    scans = root / "data" / "images"  # a folder: no masks
+    with pytest.raises(ValueError, match=r"needs each case's mask \(views.within_mask is set\).*mask column"):
+        run_predict_classify(out, scans, tmp_path / "pred")
+
+
 def test_fold_ensemble_trains_evaluates_and_predicts(trained, tmp_path):
     config, root, _ = trained
     prep = config.run_dir / "preprocess"

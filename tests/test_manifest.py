@@ -387,7 +387,8 @@ def test_discover_folder_finds_every_image_kind(tmp_path, make_ct):
     assert cases["nested__deeper__c"].image == (root / "nested" / "deeper" / "c.nii.gz").resolve()
     assert cases["patient7__ct"].image == (root / "patient7" / "ct").resolve()
     assert cases["patient7__ct"].series_uid == "1.2.826.0.1.3680043.2.1125.1.42"
-    assert cases["patient8__junk.dcm"].problem == "not a recognised image file or DICOM series"
+    junk = cases["patient8__junk.dcm"]
+    assert junk.problem == f"{junk.image}: not a recognised image file or DICOM series"
     assert [cid for cid, c in cases.items() if c.problem] == ["patient8__junk.dcm"]
     assert all(c.label is None for c in case_set.cases)
     # Stable: the same folder gives the same ids in the same order.
@@ -412,3 +413,14 @@ def test_discover_folder_refuses_colliding_case_ids(tmp_path, make_ct):
     make_ct(root / "x.nii.gz")
     with pytest.raises(ManifestError, match="several files give the case id 'x'"):
         discover_folder(root)
+
+
+def test_prediction_inputs_name_their_manifest_and_refuse_a_missing_path(data, tmp_path):
+    from pipeline.manifest import input_cases
+
+    path = write_manifest(data, "case_id,image\na,images/a.nii.gz\nghost,images/ghost.nii.gz\n", "new.csv")
+    cases = {c.case_id: c for c in input_cases(path)}
+    assert cases["a"].problem is None
+    assert cases["ghost"].problem == f"{path}: line 3: file not found: images/ghost.nii.gz"
+    with pytest.raises(FileNotFoundError, match="nowhere.nii.gz: no such file or folder"):
+        input_cases(tmp_path / "nowhere.nii.gz")

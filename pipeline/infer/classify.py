@@ -30,7 +30,7 @@ from pipeline.config import IOConfig, PreprocessConfig
 from pipeline.io import remove_stale_temps
 from pipeline.manifest import Case, input_cases
 from pipeline.models import load_classifier
-from pipeline.preprocess.stage import preprocess_volume, read_case
+from pipeline.preprocess.stage import mask_requirement, preprocess_volume, read_case
 from pipeline.train.classify import model_input
 
 __all__ = ["PREDICTION_COLUMNS", "classify_case", "run_predict_classify"]
@@ -54,7 +54,7 @@ def classify_case(payload: tuple[Path, Case]) -> Row:
     """Preprocess and classify one case; ``extra`` holds probability, prediction and threshold."""
     model_dir, case = payload
     if case.problem:
-        raise ValueError(f"{case.image}: {case.problem}")
+        raise ValueError(case.problem)
     start = time.perf_counter()
     model, meta, threshold = _classifier(model_dir)
     volume, mask = read_case(case, IOConfig.model_validate(meta["io"]))
@@ -85,9 +85,15 @@ def run_predict_classify(
     ``workers`` local processes, or the Dask cluster at ``scheduler`` (see ``pipeline.batch``).
     """
     model_dir, out = Path(model_dir).resolve(), Path(out)
-    _classifier(model_dir)  # fail early on a missing or broken checkpoint
+    _, meta, _ = _classifier(model_dir)  # fail early on a missing or broken checkpoint
     remove_stale_temps(out)
     cases = input_cases(Path(inputs))
+    why = mask_requirement(PreprocessConfig.model_validate(meta["preprocess"]))
+    if why and not any(c.mask for c in cases):
+        raise ValueError(
+            f"{model_dir}: the model's preprocessing needs each case's mask ({why}), and {inputs} gives "
+            "none; give --input a manifest CSV with a mask column"
+        )
     images = {c.case_id: str(c.image) for c in cases}
     table = ResultTable(out / "predictions.csv", PREDICTION_COLUMNS, [c.case_id for c in cases])
     # a rerun redoes a case whose scan, mask, checkpoint or threshold changed since it was done

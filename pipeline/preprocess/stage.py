@@ -38,7 +38,14 @@ from pipeline.preprocess.intensity import (
 from pipeline.preprocess.spatial import plan_grid, resample
 from pipeline.preprocess.views import center_index, extract_views
 
-__all__ = ["CACHE_FORMAT", "load_cases", "preprocess_volume", "read_case", "run_preprocess"]
+__all__ = [
+    "CACHE_FORMAT",
+    "load_cases",
+    "mask_requirement",
+    "preprocess_volume",
+    "read_case",
+    "run_preprocess",
+]
 
 CACHE_FORMAT = 1
 CASE_COLUMNS = ("case_id", "label", "label_name", "split", "patient_id", "image", "mask", "cache", "status")
@@ -60,14 +67,29 @@ def _inside(labels: np.ndarray, margin_mm: float, spacing: np.ndarray) -> np.nda
     return inside
 
 
+def mask_requirement(cfg: PreprocessConfig) -> str | None:
+    """Why these parameters need every case's mask (``views.within_mask``, ``views.center: mask``),
+    or None."""
+    if cfg.views.within_mask:
+        return "views.within_mask is set"
+    if cfg.views.center == "mask":
+        return "views.center is 'mask'"
+    return None
+
+
 def preprocess_volume(
     volume: Volume, mask: Volume | None, cfg: PreprocessConfig
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Preprocess one read volume (and its mask): the cache arrays and per-case statistics."""
-    if mask is not None and (
-        mask.shape != volume.shape or not np.allclose(mask.affine, volume.affine, atol=1e-3)
-    ):
-        raise VolumeError(mask.path, f"mask grid {mask.shape} does not match the image grid {volume.shape}")
+    if mask is not None and mask.shape != volume.shape:
+        raise VolumeError(mask.path, f"mask shape {mask.shape} does not match the image's {volume.shape}")
+    if mask is not None and not np.allclose(mask.affine, volume.affine, atol=1e-3):
+        origins = [np.round(v.affine[:3, 3], 2).tolist() for v in (mask, volume)]
+        raise VolumeError(
+            mask.path,
+            f"mask affine differs from the image's by up to {np.abs(mask.affine - volume.affine).max():.3g} "
+            f"mm on the same {mask.shape} grid (origin {origins[0]} against {origins[1]})",
+        )
     threshold = foreground_threshold(cfg.intensity, cfg.foreground_threshold, volume.array)
     grid = plan_grid(volume, cfg, threshold)
     raw = resample(volume.image, grid, linear=True, fill=background_value(cfg.intensity, volume.array))
@@ -84,8 +106,8 @@ def preprocess_volume(
         point=vcfg.point if vcfg.center == "point" else None,
         affine=grid.affine,
     )
-    if vcfg.within_mask and labels is None:
-        raise VolumeError(volume.path, "views.within_mask is set but the case has no mask")
+    if labels is None and (why := mask_requirement(cfg)):
+        raise VolumeError(volume.path, f"{why} but the case has no mask")
     background = float(image.min())
     shown = (
         np.where(_inside(labels, vcfg.mask_margin_mm, grid.spacing), image, background)
