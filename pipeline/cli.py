@@ -35,6 +35,8 @@ def _config(args: argparse.Namespace, **overrides: object) -> Config:
 def _run_config(args: argparse.Namespace, task: str, **overrides: object) -> Config:
     """``--config`` if given, else the config the run folder saved (the task's, then preprocess's)."""
     if args.config is None:
+        if not args.run.is_dir():
+            raise FileNotFoundError(f"{args.run}: run folder not found")
         saved = [args.run / task / "config.yaml", args.run / "preprocess" / "config.yaml"]
         args.config = next((p for p in saved if p.is_file()), None)
         if args.config is None:

@@ -11,11 +11,12 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "ClassifyConfig",
@@ -283,7 +284,16 @@ def load_config(path: str | Path | None = None, **overrides: object) -> Config:
     raw: dict = {}
     if path is not None:
         path = Path(path)
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(
+                f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"
+            ) from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the config must be a mapping of sections")
         for section, key in PATH_KEYS:
@@ -300,7 +310,38 @@ def load_config(path: str | Path | None = None, **overrides: object) -> Config:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return Config.model_validate(raw)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        source = f"{path}" if path is not None else "config"
+        raise ValueError(f"{source}: {describe_errors(exc)}") from None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """Pydantic's errors as one line each, ``section.key: message``, with the nearest valid key
+    for a misspelt one (``preprocess.spacng: unknown key; did you mean 'spacing'?``)."""
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            near = difflib.get_close_matches(loc[-1], _keys_at(loc[:-1]), n=1)
+            message = "unknown key" + (f"; did you mean {near[0]!r}?" if near else "")
+        elif isinstance(error.get("input"), (str, int, float, bool)):
+            message += f", got {error['input']!r}"
+        lines.append(f"{'.'.join(loc)}: {message}")
+    return "; ".join(lines)
+
+
+def _keys_at(loc: list[str]) -> list[str]:
+    """The field names of the config section at ``loc`` (empty if it is not a section)."""
+    model: Any = Config
+    for part in loc:
+        field = model.model_fields.get(part)
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return list(model.model_fields)
 
 
 def save_config(config: Config, path: str | Path) -> Path:

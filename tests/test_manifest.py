@@ -422,5 +422,5 @@ def test_prediction_inputs_name_their_manifest_and_refuse_a_missing_path(data, t
     cases = {c.case_id: c for c in input_cases(path)}
     assert cases["a"].problem is None
     assert cases["ghost"].problem == f"{path}: line 3: file not found: images/ghost.nii.gz"
-    with pytest.raises(FileNotFoundError, match="nowhere.nii.gz: no such file or folder"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.nii\.gz: no such file or folder"):
         input_cases(tmp_path / "nowhere.nii.gz")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from pipeline.cli import main
@@ -36,3 +37,36 @@ def test_run_refuses_an_unknown_stage_naming_it(tmp_path, capsys):
     config.write_text(yaml.safe_dump({"stages": ["preprocess", "trian"]}))
     assert main(["run", str(config), "--run", str(tmp_path / "run")]) == 2
     assert "trian" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "preprocess:\n  spacng: [1, 1, 1]\nclassify:\n  epochs: 0\n",
+            "cfg.yaml: preprocess.spacng: unknown key; did you mean 'spacing'?; "
+            "classify.epochs: Input should be greater than or equal to 1, got 0",
+        ),
+        (
+            "preprocess: {spacing: [2, 2\n",
+            "cfg.yaml: not valid YAML at line 2, column 1: expected ',' or ']'",
+        ),
+        (None, "cfg.yaml: config file not found"),
+    ],
+    ids=["misspelt_key_and_bad_value", "yaml_syntax", "missing"],
+)
+def test_config_errors_name_the_file_and_each_problem(tmp_path, capsys, text, message):
+    config = tmp_path / "cfg.yaml"
+    if text is not None:
+        config.write_text(text)
+    argv = ["preprocess", "--input", str(tmp_path), "--config", str(config), "--run", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["report"], ["evaluate", "classify"], ["train", "segment"]])
+def test_a_missing_run_folder_is_named(tmp_path, capsys, command):
+    missing = tmp_path / "no_such_run"
+    assert main([*command, "--run", str(missing)]) == 2
+    assert f"{missing}: run folder not found" in capsys.readouterr().err
