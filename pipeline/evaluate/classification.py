@@ -107,7 +107,9 @@ def metrics_with_ci(
             warnings.filterwarnings("ignore", "A single label was found")
             value, low, high = bootstrap_ci(fn, labels, scores, n_boot=n_boot, seed=seed)
         result[name] = {"value": value, "ci_low": low, "ci_high": high}
-    result["confusion_matrix"] = binary_metrics(labels, scores, threshold)["confusion_matrix"]
+    result["confusion_matrix"] = confusion_matrix(
+        labels, (scores >= threshold).astype(int), labels=[0, 1]
+    ).tolist()
     return result
 
 
