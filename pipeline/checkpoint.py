@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline import __version__
 from pipeline.io import atomic_path
 
 __all__ = [
@@ -36,15 +37,9 @@ __all__ = [
 
 def versions() -> dict[str, str]:
     """Versions of the libraries a checkpoint depends on."""
-    from importlib.metadata import PackageNotFoundError, version
-
     import monai
 
-    try:
-        medpipe = version("medpipe")
-    except PackageNotFoundError:
-        medpipe = "unknown"
-    return {"torch": torch.__version__, "monai": monai.__version__, "medpipe": medpipe}
+    return {"torch": torch.__version__, "monai": monai.__version__, "medpipe": __version__}
 
 
 def sidecar_path(path: str | Path) -> Path:

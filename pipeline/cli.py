@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from pipeline import __version__
 from pipeline.allocator import keep_freed_memory
 from pipeline.batch import Ledger
 from pipeline.config import Config, load_config
@@ -188,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with 'medpipe demo' (every stage on a generated phantom cohort, into runs/demo); "
         "'medpipe COMMAND --help' lists a command's options.",
     )
+    parser.add_argument("--version", action="version", version=f"medpipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(
@@ -200,13 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "synth", cmd_synth, "write a synthetic chest CT phantom cohort with lung masks and a manifest"
     )
-    p.add_argument("--n", type=int, default=40, help="number of cases")
-    p.add_argument("--positive-fraction", type=float, default=0.2, help="fraction with a lung lesion")
+    p.add_argument("--n", type=int, default=40, help="number of cases (default: 40)")
+    p.add_argument(
+        "--positive-fraction", type=float, default=0.2, help="fraction with a lung lesion (default: 0.2)"
+    )
     p.add_argument("--size", type=int, default=None, help="in-plane size (default: 128-192 per case)")
     p.add_argument(
         "--depth", type=int, default=None, help="number of slices (default: from the chest height)"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the cohort (default: 0)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--workers", type=int, default=0, help="local worker processes (0 = serial)")
 

@@ -77,3 +77,11 @@ def test_undefined_metrics_are_null_in_strict_json(tmp_path):
     data = json.loads(path.read_text(), parse_constant=refuse)
     assert data["test"]["sensitivity"] == {"value": None, "ci_low": None, "ci_high": None}
     assert data["test"]["specificity"]["value"] == 0.75 and data["inf"] is None
+
+
+def test_balanced_accuracy_ci_skips_one_class_resamples():
+    """No positive is ever called: every resample that holds both classes has balanced accuracy
+    0.5. A resample without positives is not a balanced accuracy of 1.0 (its specificity alone)."""
+    labels, scores = np.array([0] * 18 + [1] * 2), np.full(20, 0.1)
+    ci = metrics_with_ci(labels, scores, 0.5, n_boot=300)["balanced_accuracy"]
+    assert ci == {"value": 0.5, "ci_low": 0.5, "ci_high": 0.5}

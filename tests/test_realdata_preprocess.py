@@ -33,9 +33,9 @@ def test_adrenalmnist3d_end_to_end(shared_data, tmp_path):
     fp = json.loads((out / "fingerprint.json").read_text())
     # Published split sizes and class counts (shared/data/adrenalmnist3d/SOURCE.md).
     assert fp["class_counts"] == {
-        "train": {"0": 929, "1": 259},
-        "val": {"0": 76, "1": 22},
-        "test": {"0": 229, "1": 69},
+        "train": {"normal": 929, "hyperplasia": 259},
+        "val": {"normal": 76, "hyperplasia": 22},
+        "test": {"normal": 229, "hyperplasia": 69},
     }
     case = next(r for r in _rows(out / "cases.csv") if r["case_id"] == "adrenalmnist3d_train_0002")
     arrays, _ = load_entry(out / case["cache"])

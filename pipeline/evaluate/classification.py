@@ -50,10 +50,13 @@ __all__ = [
 ]
 
 # A metric whose denominator is empty (sensitivity of a split without positives, precision with no
-# positive prediction) is NaN, written as null: undefined, not 0, and left out of the bootstrap.
+# positive prediction, balanced accuracy with one class) is NaN, written as null: undefined, not 0,
+# and left out of the bootstrap.
 THRESHOLD_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": accuracy_score,
-    "balanced_accuracy": balanced_accuracy_score,
+    "balanced_accuracy": lambda y, pred: (
+        balanced_accuracy_score(y, pred) if len(np.unique(y)) > 1 else np.nan
+    ),
     "sensitivity": lambda y, pred: recall_score(y, pred, pos_label=1, zero_division=np.nan),
     "specificity": lambda y, pred: recall_score(y, pred, pos_label=0, zero_division=np.nan),
     "precision": lambda y, pred: precision_score(y, pred, zero_division=np.nan),

@@ -68,13 +68,9 @@ def _inside(labels: np.ndarray, margin_mm: float, spacing: np.ndarray) -> np.nda
 
 
 def mask_requirement(cfg: PreprocessConfig) -> str | None:
-    """Why these parameters need every case's mask (``views.within_mask``, ``views.center: mask``),
-    or None."""
-    if cfg.views.within_mask:
-        return "views.within_mask is set"
-    if cfg.views.center == "mask":
-        return "views.center is 'mask'"
-    return None
+    """Why these parameters need every case's mask, or None. (``views.center: mask`` does not: a
+    case without one is cut through the volume centre.)"""
+    return "views.within_mask is set" if cfg.views.within_mask else None
 
 
 def preprocess_volume(

@@ -200,7 +200,7 @@ def _montage(run: RunFolder, figures: Figures) -> list:
         f"({shown}; radiological display: patient right on image left; anterior up in axial; "
         "superior up in coronal and sagittal; anterior left in sagittal). "
         "p is the predicted probability of the positive class."
-        + (f" No {', '.join(absent)} in the test split." if absent else "")
+        + (f" No {' or '.join(absent)} in the test split." if absent else "")
     )
     return [
         figures.add(plots.view_grid(rows), "classify_montage", caption, "three-view montage of test cases")
@@ -221,10 +221,11 @@ def _balance_comparison(run: RunFolder) -> list:
 
 def classifier_section(run: RunFolder, figures: Figures) -> Section:
     """Section 2; parts whose inputs are missing become one-line notes."""
-    section = Section("classifier", "Classifier", definitions=DEFINITIONS)
+    section = Section("classifier", "Classifier")
     if not run.has("classify"):
         section.blocks.append(Note(f"Classifier omitted: no {run.root.name}/classify folder"))
         return section
+    section.definitions = DEFINITIONS
     blocks = section.blocks
     guard(
         blocks,

@@ -137,7 +137,10 @@ def training_curves(
             ax.plot(epochs, values, marker="o", markersize=3, lw=1.6, label=name, color=color)
         ax.set_title(title)
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+        if len(epochs) <= 12:
+            ax.set_xticks(list(epochs))
+        else:
+            ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
         ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
         if best_epoch is not None:
             ax.axvline(best_epoch, color="#7b8794", ls="--", lw=1, label="best epoch")
@@ -177,7 +180,7 @@ def _operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float) -
     return {
         "tpr": tp / max(pos.sum(), 1),
         "fpr": float(np.sum(pred & neg)) / max(neg.sum(), 1),
-        "precision": tp / pred.sum() if pred.any() else 1.0,
+        "precision": tp / pred.sum() if pred.any() else float("nan"),  # undefined: not drawn
     }
 
 
@@ -199,7 +202,7 @@ def roc_pr(labels: Sequence[int], scores: Sequence[float], thresholds: Mapping[s
     )
     for (name, t), style in zip(thresholds.items(), styles, strict=False):
         p = _operating_point(y, s, t)
-        label = f"{name} (t={t:.3f})"
+        label = f"{name} (t={t:.3f})" + ("; no positive call" if np.isnan(p["precision"]) else "")
         ax_roc.plot(p["fpr"], p["tpr"], ls="none", label=label, **style)
         ax_pr.plot(p["tpr"], p["precision"], ls="none", label=label, **style)
     for ax, title, xl, yl in (

@@ -176,10 +176,11 @@ def _volumes(run: RunFolder) -> list:
 
 def segmentation_section(run: RunFolder, figures: Figures) -> Section:
     """Section 3; parts whose inputs are missing become one-line notes."""
-    section = Section("segmentation", "Segmentation", definitions=DEFINITIONS)
+    section = Section("segmentation", "Segmentation")
     if not run.has("segment"):
         section.blocks.append(Note(f"Segmentation omitted: no {run.root.name}/segment folder"))
         return section
+    section.definitions = DEFINITIONS
     blocks = section.blocks
     section.lead = (
         "Lung segmentation: a 2D U-Net run slice by slice, post-processed into right and left lungs."

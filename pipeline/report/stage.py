@@ -13,12 +13,12 @@ Example:
 from __future__ import annotations
 
 from datetime import datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipeline import __version__
 from pipeline.config import Config
 from pipeline.io import atomic_path, write_json
 from pipeline.report.blocks import Figures
@@ -75,17 +75,13 @@ def run_report(config: Config) -> Path:
         if stale.name not in figures.written:
             stale.unlink()
     metrics = stage_metrics(run)
-    try:
-        medpipe = version("medpipe")
-    except PackageNotFoundError:
-        medpipe = "unknown"
     page = render(
         sections,
         metrics,
         run_name=_run_name(run, config),
         generated=datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         run_dir=str(run.root.resolve()),
-        version=medpipe,
+        version=__version__,
     )
     write_json(out / "metrics.json", {"run": _run_name(run, config), **metrics})
     _write(out / "index.html", page)
