@@ -23,6 +23,7 @@ __all__ = [
     "check_meta_data_file",
     "check_nifti_data",
     "check_nifti_spacing",
+    "check_nifti_transforms",
     "gzip_problem",
     "is_gzip",
     "nifti_nonfinite",
@@ -86,6 +87,26 @@ def check_nifti_spacing(path: Path) -> None:
     used = np.asarray(header["dim"][1 : 1 + n]) > 1  # a one-voxel axis has no meaningful spacing
     if not np.all(np.isfinite(pixdim[used])) or np.any(pixdim[used] <= 0):
         raise VolumeError(path, f"spacing (pixdim) {tuple(pixdim.tolist())} is not finite and positive")
+
+
+def check_nifti_transforms(path: Path, tolerance_mm: float = 0.1) -> None:
+    """A NIfTI file whose qform and sform are both set must put its voxels in the same place with
+    either: ITK (SimpleITK, Slicer) may read the qform where nibabel and FSL read the sform, so
+    disagreeing transforms leave left and right up to whichever reader comes next."""
+    header = raw_nifti_header(path)
+    if header is None or int(header["qform_code"]) <= 0 or int(header["sform_code"]) <= 0:
+        return
+    dims = np.asarray(header["dim"][1:4], dtype=float).clip(min=1) - 1
+    corners = np.array([[i, j, k, 1.0] for i in (0, dims[0]) for j in (0, dims[1]) for k in (0, dims[2])])
+    qform, sform = header.get_qform(), header.get_sform()
+    gap = float(np.abs(corners @ qform.T - corners @ sform.T)[:, :3].max())
+    if gap > tolerance_mm:
+        raise VolumeError(
+            path,
+            f"qform (code {int(header['qform_code'])}) and sform (code {int(header['sform_code'])}) disagree "
+            f"by up to {gap:.1f} mm at the volume's corners, so readers place it differently; set the "
+            "wrong one's code to 0",
+        )
 
 
 def check_nifti_data(path: Path) -> None:

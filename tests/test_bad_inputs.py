@@ -138,6 +138,17 @@ def nan_spacing(folder, make_ct):
     return _pixdim(make_ct, folder, "nan_spacing", float("nan"))
 
 
+def qform_sform_disagree(folder, make_ct):
+    """sform code 2 the true grid, qform code 1 mirrored left-right: ITK and nibabel disagree."""
+    path = folder / "qform_sform_disagree.nii.gz"
+    sform = np.diag([1.5, 1.5, 2.5, 1.0])
+    image = nib.Nifti1Image(np.zeros((12, 10, 8), np.int16), sform)
+    image.set_sform(sform, code=2)
+    image.set_qform(np.diag([-1.5, 1.5, 2.5, 1.0]), code=1)
+    nib.save(image, path)
+    return path
+
+
 def four_d(folder, make_ct):
     path = folder / "four_d.nii.gz"
     data = np.stack([np.full((12, 10, 8), 100 * t, np.int16) for t in range(3)], axis=-1)
@@ -224,6 +235,10 @@ CORPUS: dict[str, tuple[Builder, str]] = {
     "negative_spacing": (negative_spacing, r"spacing \(pixdim\) \(-1\.5, .*not finite and positive"),
     "nan_spacing": (nan_spacing, r"spacing \(pixdim\) \(nan, .*not finite and positive"),
     "four_d": (four_d, r"4D image .*volume index"),
+    "qform_sform_disagree": (
+        qform_sform_disagree,
+        r"qform \(code 1\) and sform \(code 2\) disagree by up to 33\.0 mm",
+    ),
     "two_d": (two_d, r"2D image .*allow_2d"),
     "nonfinite_voxels": (nonfinite_voxels, r"\b3 NaN/Inf voxels"),
     "nonfinite_nrrd": (nonfinite_nrrd, r"\b1 NaN/Inf voxels"),
