@@ -204,3 +204,14 @@ def test_overlay_views_follow_the_display_convention_on_any_grid(codes):
     assert aspect == [1.0, 1.0, 1.0]
     for view, name in zip(views, VIEW_NAMES, strict=True):
         assert _quadrant(view) == EXPECTED[name], (codes, name)
+
+
+def test_headline_hd95_says_when_empty_masks_are_left_out():
+    from pipeline.report.html import headline_cards
+
+    def hd95_sub(n: int) -> str:
+        seg = {"cases": 40, "dice": {"mean": 0.97, "n": 40}, "hd95_mm": {"mean": 4.0, "n": n}}
+        return next(c["sub"] for c in headline_cards({"segment": seg}) if c["label"].startswith("Lung HD95"))
+
+    assert hd95_sub(40) == "test mean"
+    assert hd95_sub(39) == "test mean of 39 of 40 cases (an empty mask has no HD95)"

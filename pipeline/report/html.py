@@ -36,9 +36,17 @@ def headline_cards(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     seg = metrics.get("segment", {})
     cards += [
         _card("Lung Dice", seg.get("dice"), f"test mean of {seg.get('cases', '?')} cases", key=True),
-        _card("Lung HD95 (mm)", seg.get("hd95_mm"), "test mean"),
+        _card("Lung HD95 (mm)", seg.get("hd95_mm"), _hd95_sub(seg)),
     ]
     return [c for c in cards if c is not None]
+
+
+def _hd95_sub(seg: dict[str, Any]) -> str:
+    """'test mean', naming the cases left out (an empty mask has no surface distance)."""
+    n, cases = (seg.get("hd95_mm") or {}).get("n"), seg.get("cases")
+    if isinstance(n, int) and isinstance(cases, int) and n < cases:
+        return f"test mean of {n} of {cases} cases (an empty mask has no HD95)"
+    return "test mean"
 
 
 def render(sections: list[Section], metrics: dict[str, Any], **page: Any) -> str:
