@@ -325,6 +325,18 @@ def test_mask_on_another_grid_is_an_error_naming_the_mask(tmp_path, make_ct):
         preprocess_volume(image, mask, cfg)
 
 
+def test_a_view_point_outside_the_scan_is_an_error_not_an_edge_view(tmp_path, make_ct):
+    image = read_volume(make_ct(tmp_path / "ct.nii.gz"))  # 24 x 20 x 16 voxels of 1.5 x 1.5 x 2.5 mm, centred
+    overrides = {"preprocess.shape": [16, 16, 16], "preprocess.views.center": "point"}
+    inside = load_config(None, **overrides, **{"preprocess.views.point": [3.0, -2.0, 4.0]}).preprocess
+    assert preprocess_volume(image, None, inside)[0]["views"].shape[0] == 3
+    outside = load_config(None, **overrides, **{"preprocess.views.point": [0.0, -80.0, 5.0]}).preprocess
+    with pytest.raises(
+        VolumeError, match=r"ct.nii.gz: views.point \[0.0, -80.0, 5.0\] .* outside the preprocessed grid"
+    ):
+        preprocess_volume(image, None, outside)
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole stage over a manifest that mixes every bad kind with good cases.
 

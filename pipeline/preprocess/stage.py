@@ -96,6 +96,14 @@ def preprocess_volume(
     labels = resample(mask.image, grid, linear=False, fill=0).astype(np.uint8) if mask is not None else None
 
     vcfg = cfg.views
+    if vcfg.center == "point" and vcfg.point is not None:
+        index = (np.linalg.inv(grid.affine) @ [*vcfg.point, 1.0])[:3]
+        if np.any(index < -0.5) or np.any(index > np.array(image.shape[:3]) - 0.5):
+            raise VolumeError(
+                volume.path,
+                f"views.point {list(vcfg.point)} (RAS mm) lies outside the preprocessed grid (voxel "
+                f"{np.round(index, 1).tolist()} of {list(image.shape[:3])}): its views would show the edge",
+            )
     center = center_index(
         image.shape,
         mask=labels if vcfg.center == "mask" else None,
