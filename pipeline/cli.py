@@ -265,7 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, required=True, help="run folder")
     p.add_argument("--config", type=Path, help="config YAML (default: the one saved in the run folder)")
 
-    p = command("run", cmd_run, "run every stage a config names (its 'stages' list)")
+    p = command(
+        "run",
+        cmd_run,
+        "run every stage a config names, in order (its 'stages' list: preprocess, classify and segment "
+        "(each train, then evaluate), predict (on the inputs predict.classify and predict.segment name), "
+        "report)",
+    )
     p.add_argument("config", type=Path, help="experiment config YAML")
     p.add_argument("--run", type=Path, help="run folder (default: runs/<name>)")
 
