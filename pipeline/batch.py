@@ -72,12 +72,15 @@ class Task:
 
 
 def case_signature(base: str, paths: Iterable[Path | None]) -> str:
-    """A short hash of ``base`` (the run's parameters) and the size and mtime of each input path."""
+    """A short hash of ``base`` (the run's parameters) and the size and mtime of each input path; a
+    folder (a DICOM series) counts by the files in it, which can be rewritten without touching it."""
     parts = [base]
     for path in paths:
-        if path is not None and path.exists():
-            st = path.stat()
-            parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+        if path is None or not path.exists():
+            continue
+        for file in sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]:
+            st = file.stat()
+            parts.append(f"{file}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -275,13 +278,15 @@ def run_into_table(
     def record(row: Row) -> None:
         table.put(row.case_id, to_record(row))
 
-    run_cases(fn, tasks, ledger, workers=workers, desc=desc, on_row=record, scheduler=scheduler)
-    skipped = {
-        cid: Row(cid, "skipped", "done by an earlier run", 0.0, before[cid].output, before[cid].signature)
-        for cid in done
-    }
-    ledger.compact(table.order, replace=skipped)
-    table.write()
+    try:
+        run_cases(fn, tasks, ledger, workers=workers, desc=desc, on_row=record, scheduler=scheduler)
+    finally:  # an interrupted run keeps every row it finished, so a rerun redoes only the rest
+        skipped = {
+            cid: Row(cid, "skipped", "done by an earlier run", 0.0, before[cid].output, before[cid].signature)
+            for cid in done
+        }
+        ledger.compact(table.order, replace=skipped)
+        table.write()
 
 
 def _run_on_dask(

@@ -111,6 +111,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.workers < 0:
+        raise ValueError(f"--workers {args.workers}: give 0 (serial) or more processes")
     options: dict[str, bool | None] = {}  # the segment-only ones
     if args.task == "classify":
         from pipeline.infer.classify import run_predict_classify as predict
@@ -293,7 +295,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ManifestError, VolumeError, ValidationError, ValueError, FileNotFoundError) as exc:
+    except (
+        ManifestError,
+        VolumeError,
+        ValidationError,
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,  # --out or --run naming a file
+        NotADirectoryError,
+        PermissionError,
+    ) as exc:
         print(f"medpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -139,7 +139,10 @@ def _dicom_series(folder: Path, series_uid: str | None) -> tuple[str, ...]:
         raise VolumeError(folder, "folder holds no readable DICOM series")
     if series_uid is None:
         if len(uids) > 1:
-            raise VolumeError(folder, f"folder holds {len(uids)} DICOM series; name one of {list(uids)}")
+            raise VolumeError(
+                folder,
+                f"folder holds {len(uids)} DICOM series; pick one (manifest column series_uid): {list(uids)}",
+            )
         series_uid = uids[0]
     elif series_uid not in uids:
         raise VolumeError(folder, f"DICOM series {series_uid} not found (found {list(uids)})")
@@ -310,11 +313,23 @@ def read_volume(
     return Volume(_check_finite(image, path, nonfinite, stored_values, volume_index), path)
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open`` would give a new file: 0o666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
 
-    The temporary name keeps the final suffixes so that format-sniffing writers behave.
+    The temporary name keeps the final suffixes so that format-sniffing writers behave. The file
+    gets the mode the umask gives any new file (``mkstemp``'s own is owner-only), so results on
+    shared storage stay readable by the group.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -324,6 +339,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,8 +1,9 @@
 """Cases from a manifest CSV or a scan folder, validated, with a deterministic split.
 
-Manifest columns: ``case_id`` and ``image`` (required); ``label``, ``mask``, ``split`` and
-``patient_id`` (optional). Paths are relative to the manifest's folder; an ``image`` may be a DICOM
-series folder.
+Manifest columns: ``case_id`` and ``image`` (required); ``label``, ``mask``, ``split``,
+``patient_id`` and ``series_uid`` (optional). Paths are relative to the manifest's folder; an
+``image`` may be a DICOM series folder, and ``series_uid`` picks one series of a folder that holds
+several.
 
 Problems with the file as a whole (not UTF-8, a missing or unknown column, duplicate ids, no rows)
 raise ``ManifestError``, listing every one. Problems with one row (a missing file, a path that
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 REQUIRED_COLUMNS = ("case_id", "image")
-OPTIONAL_COLUMNS = ("label", "mask", "split", "patient_id")
+OPTIONAL_COLUMNS = ("label", "mask", "split", "patient_id", "series_uid")
 SPLITS = ("train", "val", "test")
 # Files a scan folder may hold beside its images; they are not cases.
 SIDE_FILES = (".csv", ".json", ".md", ".txt", ".raw", ".zraw", ".yaml", ".yml", ".log")
@@ -188,7 +189,16 @@ def read_manifest(path: str | Path, classes: list[str] | None = None, allow_outs
             problems.append(f"split {split!r} is not one of {list(SPLITS)}")
         problem = f"line {line}: " + "; ".join(problems) if problems else None
         cases.append(
-            Case(row["case_id"], image, mask, label, split, row.get("patient_id") or None, problem=problem)
+            Case(
+                row["case_id"],
+                image,
+                mask,
+                label,
+                split,
+                row.get("patient_id") or None,
+                row.get("series_uid") or None,
+                problem=problem,
+            )
         )
     return CaseSet(cases, names, path)
 
@@ -302,11 +312,12 @@ def _largest_remainder(n: int, fractions: dict[str, float]) -> dict[str, int]:
     return shares
 
 
-def input_cases(inputs: Path) -> list[Case]:
+def input_cases(inputs: Path, outputs: Path | None = None) -> list[Case]:
     """The cases of a prediction input: a manifest CSV, a folder of scans, or one scan file.
 
     Paths in a manifest may point anywhere (the user named them). An input that does not exist at
-    all is a mistyped argument, not a case, so it raises ``FileNotFoundError`` naming it.
+    all is a mistyped argument, not a case, so it raises ``FileNotFoundError`` naming it. A folder's
+    scans under ``outputs`` (an output folder inside the input folder) are the run's own, not inputs.
     """
     inputs = Path(inputs)
     if not inputs.exists():
@@ -315,5 +326,7 @@ def input_cases(inputs: Path) -> list[Case]:
         cases = read_manifest(inputs, allow_outside=True).cases
         return [replace(c, problem=f"{inputs}: {c.problem}") if c.problem else c for c in cases]
     if inputs.is_dir():
-        return discover_folder(inputs).cases
+        own = Path(outputs).resolve() if outputs is not None else None
+        cases = discover_folder(inputs).cases
+        return [c for c in cases if own is None or not c.image.resolve().is_relative_to(own)]
     return [Case(_image_stem(inputs) or inputs.stem, inputs)]

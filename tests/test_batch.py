@@ -119,3 +119,36 @@ def test_result_table_resumes_only_cases_finished_in_both_ledger_and_table(tmp_p
     again.write()
     lines = (tmp_path / "results.csv").read_text().splitlines()
     assert lines == ["case_id,value", "a,1", "b,2", "d,4"]  # input order, one row per case
+
+
+def test_a_folder_signature_follows_the_files_in_it(tmp_path):
+    """A DICOM series rewritten in place leaves its folder's own mtime alone; its files' do not."""
+    import os
+
+    from pipeline.batch import case_signature
+
+    series = tmp_path / "series"
+    series.mkdir()
+    for n in range(3):
+        (series / f"{n}.dcm").write_bytes(b"slice %d" % n)
+    first = case_signature("params", [series])
+    folder_time = series.stat().st_mtime_ns
+    (series / "1.dcm").write_bytes(b"slice 9")  # same name, same size
+    os.utime(series / "1.dcm", ns=(folder_time + 10**9, folder_time + 10**9))
+    assert series.stat().st_mtime_ns == folder_time
+    assert case_signature("params", [series]) != first
+    assert case_signature("other params", [series]) != case_signature("params", [series])
+
+
+def test_atomic_writes_get_the_umask_mode_not_mkstemps_owner_only(tmp_path, monkeypatch):
+    import os
+
+    import pipeline.io
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert 0o666 & ~umask == pipeline.io.FILE_MODE  # what the process's umask gives a new file
+    monkeypatch.setattr(pipeline.io, "FILE_MODE", 0o644)  # a umask of 022, as on most systems
+    with pipeline.io.atomic_path(tmp_path / "out.csv") as tmp:
+        tmp.write_text("a,b\n")
+    assert (tmp_path / "out.csv").stat().st_mode & 0o777 == 0o644

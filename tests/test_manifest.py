@@ -424,3 +424,20 @@ def test_prediction_inputs_name_their_manifest_and_refuse_a_missing_path(data, t
     assert cases["ghost"].problem == f"{path}: line 3: file not found: images/ghost.nii.gz"
     with pytest.raises(FileNotFoundError, match=r"nowhere\.nii\.gz: no such file or folder"):
         input_cases(tmp_path / "nowhere.nii.gz")
+
+
+def test_manifest_series_uid_and_an_output_folder_inside_the_input(data, tmp_path):
+    from pipeline.manifest import input_cases
+
+    path = write_manifest(data, "case_id,image,series_uid\na,images/a.nii.gz,1.2.3\nb,images/b.nii.gz,\n")
+    cases = by_id(read_manifest(path))
+    assert cases["a"].series_uid == "1.2.3" and cases["b"].series_uid is None
+    own = data / "images" / "pred" / "masks"  # predict --input data/images --out data/images/pred
+    own.mkdir(parents=True)
+    (own / "a.nii.gz").write_bytes((data / "images" / "a.nii.gz").read_bytes())
+    assert sorted(c.case_id for c in input_cases(data / "images")) == ["a", "b", "c", "pred__masks__a"]
+    assert sorted(c.case_id for c in input_cases(data / "images", data / "images" / "pred")) == [
+        "a",
+        "b",
+        "c",
+    ]

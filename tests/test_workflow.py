@@ -70,3 +70,11 @@ def test_a_missing_run_folder_is_named(tmp_path, capsys, command):
     missing = tmp_path / "no_such_run"
     assert main([*command, "--run", str(missing)]) == 2
     assert f"{missing}: run folder not found" in capsys.readouterr().err
+
+
+def test_a_run_folder_that_is_a_file_is_an_error_not_a_traceback(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    assert main(["preprocess", "--input", str(tmp_path), "--run", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert "medpipe preprocess: error:" in err and "afile" in err and "Traceback" not in err

@@ -87,7 +87,7 @@ def run_predict_classify(
     model_dir, out = Path(model_dir).resolve(), Path(out)
     _, meta, _ = _classifier(model_dir)  # fail early on a missing or broken checkpoint
     remove_stale_temps(out)
-    cases = input_cases(Path(inputs))
+    cases = input_cases(Path(inputs), out)
     why = mask_requirement(PreprocessConfig.model_validate(meta["preprocess"]))
     if why and not any(c.mask for c in cases):
         raise ValueError(

@@ -198,7 +198,7 @@ def run_predict_segment(
     model_dirs, out = _model_dirs(model_dir), Path(out)
     segmenter = load_segmenter(model_dirs, flip_tta)  # fail early on a missing or broken checkpoint
     remove_stale_temps(out)
-    cases = input_cases(inputs)
+    cases = input_cases(inputs, out)
     table = ResultTable(out / "volumes.csv", VOLUME_COLUMNS, [c.case_id for c in cases])
     # a rerun redoes a case whose scan, nets or settings changed since it was done
     base = case_signature(segmenter.settings.model_dump_json(), [d / "checkpoint.pt" for d in model_dirs])
