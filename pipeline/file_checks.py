@@ -22,8 +22,7 @@ from pipeline.errors import VolumeError
 __all__ = [
     "check_meta_data_file",
     "check_nifti_data",
-    "check_nifti_spacing",
-    "check_nifti_transforms",
+    "check_nifti_header",
     "gzip_problem",
     "is_gzip",
     "nifti_nonfinite",
@@ -77,11 +76,17 @@ def gzip_problem(path: Path, expected: int | None) -> str | None:
     return None
 
 
-def check_nifti_spacing(path: Path) -> None:
-    """The stored spacing (pixdim) of a NIfTI file must be finite and positive."""
+def check_nifti_header(path: Path) -> None:
+    """A NIfTI header, read once: its stored spacing must be finite and positive, and its qform and
+    sform, where both are set, must agree (``_check_transforms``)."""
     header = raw_nifti_header(path)
     if header is None:
         return  # not a NIfTI header after all: ITK gives the error
+    _check_spacing(path, header)
+    _check_transforms(path, header)
+
+
+def _check_spacing(path: Path, header: nib.Nifti1Header) -> None:
     n = min(max(int(header["dim"][0]), 1), 3)
     pixdim = np.asarray(header["pixdim"][1 : 1 + n], dtype=float)
     used = np.asarray(header["dim"][1 : 1 + n]) > 1  # a one-voxel axis has no meaningful spacing
@@ -89,12 +94,11 @@ def check_nifti_spacing(path: Path) -> None:
         raise VolumeError(path, f"spacing (pixdim) {tuple(pixdim.tolist())} is not finite and positive")
 
 
-def check_nifti_transforms(path: Path, tolerance_mm: float = 0.1) -> None:
-    """A NIfTI file whose qform and sform are both set must put its voxels in the same place with
-    either: ITK (SimpleITK, Slicer) may read the qform where nibabel and FSL read the sform, so
-    disagreeing transforms leave left and right up to whichever reader comes next."""
-    header = raw_nifti_header(path)
-    if header is None or int(header["qform_code"]) <= 0 or int(header["sform_code"]) <= 0:
+def _check_transforms(path: Path, header: nib.Nifti1Header, tolerance_mm: float = 0.1) -> None:
+    """qform and sform, where both are set, must put the voxels in the same place: ITK (SimpleITK,
+    Slicer) may read the qform where nibabel and FSL read the sform, so disagreeing transforms leave
+    left and right up to whichever reader comes next."""
+    if int(header["qform_code"]) <= 0 or int(header["sform_code"]) <= 0:
         return
     dims = np.asarray(header["dim"][1:4], dtype=float).clip(min=1) - 1
     corners = np.array([[i, j, k, 1.0] for i in (0, dims[0]) for j in (0, dims[1]) for k in (0, dims[2])])

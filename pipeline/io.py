@@ -172,8 +172,7 @@ def read_header(path: str | os.PathLike, series_uid: str | None = None) -> Heade
         )
         raise VolumeError(path, problem or f"not a readable image ({_first_line(exc)})") from exc
     if not files and is_nifti(path):
-        file_checks.check_nifti_spacing(path)
-        file_checks.check_nifti_transforms(path)
+        file_checks.check_nifti_header(path)
     elif not files and path.name.lower().endswith(".mhd"):
         file_checks.check_meta_data_file(path)
     size = tuple(int(s) for s in reader.GetSize())

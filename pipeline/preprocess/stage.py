@@ -36,7 +36,7 @@ from pipeline.preprocess.intensity import (
     surface_distance,
 )
 from pipeline.preprocess.spatial import plan_grid, resample
-from pipeline.preprocess.views import center_index, extract_views
+from pipeline.preprocess.views import center_index, extract_views, point_index
 
 __all__ = [
     "CACHE_FORMAT",
@@ -97,7 +97,7 @@ def preprocess_volume(
 
     vcfg = cfg.views
     if vcfg.center == "point" and vcfg.point is not None:
-        index = (np.linalg.inv(grid.affine) @ [*vcfg.point, 1.0])[:3]
+        index = point_index(vcfg.point, grid.affine)
         if np.any(index < -0.5) or np.any(index > np.array(image.shape[:3]) - 0.5):
             raise VolumeError(
                 volume.path,

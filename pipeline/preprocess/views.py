@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["PROJECTION_CHANNELS", "VIEW_AXES", "center_index", "extract_views", "to_display"]
+__all__ = ["PROJECTION_CHANNELS", "VIEW_AXES", "center_index", "extract_views", "point_index", "to_display"]
 
 # Per view, the RAS index axis it cuts across. The two axes left, in order, are the plane's
 # horizontal and vertical anatomical axes: axial (i, j), coronal (i, k), sagittal (j, k).
@@ -44,6 +44,11 @@ def to_display(plane: np.ndarray) -> np.ndarray:
     return np.swapaxes(plane[..., ::-1, ::-1], -1, -2)
 
 
+def point_index(point: Sequence[float], affine: np.ndarray) -> np.ndarray:
+    """The (fractional) voxel index of a world point in RAS mm on the grid of ``affine``."""
+    return (np.linalg.inv(affine) @ np.array([*point, 1.0]))[:3]
+
+
 def center_index(
     shape: Sequence[int],
     *,
@@ -55,7 +60,7 @@ def center_index(
     centroid, else the volume centre. Always clipped into the volume."""
     dims = np.array(shape[:3])
     if point is not None and affine is not None:
-        idx = (np.linalg.inv(affine) @ np.array([*point, 1.0]))[:3]
+        idx = point_index(point, affine)
     elif mask is not None and mask.any():
         idx = np.argwhere(mask > 0).mean(axis=0)
     else:
