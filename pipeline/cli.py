@@ -26,6 +26,7 @@ from pipeline.manifest import ManifestError
 __all__ = ["main"]
 
 TASKS = ("classify", "segment")
+BATCH_FAILED = 1  # exit code of preprocess/predict when no case succeeded; 2 is a usage/input error
 
 
 def _config(args: argparse.Namespace, **overrides: object) -> Config:
@@ -45,8 +46,9 @@ def _run_config(args: argparse.Namespace, task: str, **overrides: object) -> Con
     return _config(args, **overrides)
 
 
-def _print_ledger(title: str, ledger_path: Path, max_errors: int = 20) -> None:
-    """Print the ok/skipped/error totals of a ledger and the first error reasons."""
+def _print_ledger(title: str, ledger_path: Path, max_errors: int = 20) -> int:
+    """Print the ok/skipped/error totals of a ledger and the first error reasons; return the exit
+    code: 1 when every case failed (``BATCH_FAILED``), else 0."""
     rows = Ledger(ledger_path).rows()
     counts = Counter(r.status for r in rows.values())
     print(f"{title}: {counts['ok']} ok, {counts['skipped']} skipped, {counts['error']} error")
@@ -55,6 +57,7 @@ def _print_ledger(title: str, ledger_path: Path, max_errors: int = 20) -> None:
         print(f"  error {row.case_id}: {row.reason}")
     if len(errors) > max_errors:
         print(f"  ... and {len(errors) - max_errors} more errors in {ledger_path}")
+    return BATCH_FAILED if errors and len(errors) == len(rows) else 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -85,9 +88,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     }
     config = _config(args, **overrides)
     out = run_preprocess(config)
-    _print_ledger("preprocess", out / "ledger.csv")
+    code = _print_ledger("preprocess", out / "ledger.csv")
     print(f"outputs: {out} (cache/, cases.csv, ledger.csv, fingerprint.json, params.json)")
-    return 0
+    return code
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -128,9 +131,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         options["flip_tta"] = args.flip_tta
         model = args.model
     out = predict(model, args.input, args.out, workers=args.workers, scheduler=args.scheduler, **options)
-    _print_ledger(f"predict {args.task}", args.out / "ledger.csv")
+    code = _print_ledger(f"predict {args.task}", args.out / "ledger.csv")
     print(f"outputs: {out}")
-    return 0
+    return code
 
 
 def cmd_report(args: argparse.Namespace) -> int:

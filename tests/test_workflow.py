@@ -78,3 +78,15 @@ def test_a_run_folder_that_is_a_file_is_an_error_not_a_traceback(tmp_path, capsy
     assert main(["preprocess", "--input", str(tmp_path), "--run", str(afile)]) == 2
     err = capsys.readouterr().err
     assert "medpipe preprocess: error:" in err and "afile" in err and "Traceback" not in err
+
+
+def test_a_batch_where_every_case_failed_exits_1_and_one_good_case_makes_it_0(tmp_path, capsys):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "broken.nii.gz").write_bytes(b"not a nifti file")
+    assert main(["preprocess", "--input", str(scans), "--run", str(tmp_path / "run")]) == 1
+    assert "0 ok, 0 skipped, 1 error" in capsys.readouterr().out
+    write_cohort(tmp_path / "cohort", 1, 0.0, size=48, depth=16)
+    good = next((tmp_path / "cohort" / "images").glob("*.nii.gz"))
+    (scans / good.name).write_bytes(good.read_bytes())
+    assert main(["preprocess", "--input", str(scans), "--run", str(tmp_path / "run")]) == 0
