@@ -131,6 +131,30 @@ def _class_names(labels: list[str], declared: list[str] | None) -> list[str]:
     return distinct
 
 
+# Label cells that spreadsheets and data-frame libraries write for a missing value; read as empty.
+MISSING_LABELS = frozenset({"nan", "na", "n/a", "#n/a", "null"})
+
+
+def _label_text(value: str) -> str:
+    """A label cell as a class name: a missing-value marker becomes "", an integral float such as
+    "1.0" (a label column exported with missing values) becomes "1"."""
+    if value.lower() in MISSING_LABELS:
+        return ""
+    whole, dot, zeros = value.partition(".")
+    if dot and whole.lstrip("-").isdigit() and zeros.strip("0") == "":
+        return whole
+    return value
+
+
+def _case_id_problem(cid: str) -> str | None:
+    """Why a case id cannot name output files (``masks/<case_id>.nii.gz``), or None."""
+    if not cid:
+        return "empty case_id"
+    if "/" in cid or "\\" in cid or cid in (".", ".."):
+        return f"case_id {cid!r} is not a plain file name (it names the case's output files)"
+    return None
+
+
 def _label_index(value: str, classes: list[str]) -> int | None:
     """A label given as a class name or as a class index, or None if it is neither."""
     if value in classes:
@@ -147,19 +171,27 @@ def read_manifest(path: str | Path, classes: list[str] | None = None, allow_outs
     reader = csv.DictReader(io.StringIO(_decode(path), newline=""))
     columns = [c.strip() for c in (reader.fieldnames or [])]
     fatal = [f"missing required column {c!r}" for c in REQUIRED_COLUMNS if c not in columns]
+    fatal += [f"column {c!r} appears {n} times" for c, n in Counter(columns).items() if n > 1 and c]
     unknown = [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
     if unknown:
         fatal.append(f"unknown columns {unknown} (allowed: {list(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)})")
     if fatal:
         raise ManifestError(path, fatal)
-    rows = [({k.strip(): (v or "").strip() for k, v in row.items() if k}, reader.line_num) for row in reader]
+    rows = []
+    for row in reader:
+        if any(v.strip() for v in row.get(None) or []):  # DictReader's key for fields past the header's
+            fatal.append(
+                f"line {reader.line_num}: {len(columns) + len(row[None])} fields, the header has "
+                f"{len(columns)} (quote a value that holds a comma)"
+            )
+        rows.append(({k.strip(): (v or "").strip() for k, v in row.items() if k}, reader.line_num))
     if not rows:
         raise ManifestError(path, ["no rows"])
     seen: dict[str, int] = {}
     for row, line in rows:
         cid = row["case_id"]
-        if not cid:
-            fatal.append(f"line {line}: empty case_id")
+        if (problem := _case_id_problem(cid)) is not None:
+            fatal.append(f"line {line}: {problem}")
         elif cid in seen:
             fatal.append(f"line {line}: duplicate case_id {cid!r} (first on line {seen[cid]})")
         else:
@@ -167,6 +199,9 @@ def read_manifest(path: str | Path, classes: list[str] | None = None, allow_outs
     if fatal:
         raise ManifestError(path, fatal)
 
+    for row, _ in rows:
+        if "label" in row:
+            row["label"] = _label_text(row["label"])
     names = _class_names([r["label"] for r, _ in rows if r.get("label")], classes)
     cases = []
     for row, line in rows:

@@ -441,3 +441,33 @@ def test_manifest_series_uid_and_an_output_folder_inside_the_input(data, tmp_pat
         "b",
         "c",
     ]
+
+
+def test_float_and_missing_value_labels_read_as_integers_and_empty(data):
+    """A label column exported by pandas or R ("1.0", "NaN", "NA") must not invent classes."""
+    text = "case_id,image,label\na,images/a.nii.gz,0.0\nb,images/b.nii.gz,1\nc,images/c.nii.gz,NaN\n"
+    case_set = read_manifest(write_manifest(data, text))
+    assert case_set.classes == ["0", "1"] and case_set.problems == []
+    assert [c.label for c in case_set.cases] == [0, 1, None]
+    declared = read_manifest(write_manifest(data, text.replace("NaN", "NA")), classes=["normal", "mass"])
+    assert [c.label for c in declared.cases] == [0, 1, None] and declared.problems == []
+
+
+def test_case_id_that_is_a_path_is_refused(data):
+    """A case id names masks/<case_id>.nii.gz and cache/<case_id>.npz: '../x' would write elsewhere."""
+    text = "case_id,image\n../x,images/a.nii.gz\np/1,images/b.nii.gz\nc,images/c.nii.gz\n"
+    with pytest.raises(ManifestError, match=r"line 2: case_id '\.\./x' is not a plain file name") as err:
+        read_manifest(write_manifest(data, text))
+    assert "line 3: case_id 'p/1'" in str(err.value)
+
+
+def test_extra_fields_and_repeated_columns_are_refused(data):
+    """A value past the header's columns (an unquoted comma) or a column given twice is not dropped."""
+    extra = "case_id,image,label\na,images/a.nii.gz,normal,mass\n"
+    with pytest.raises(ManifestError, match="line 2: 4 fields, the header has 3"):
+        read_manifest(write_manifest(data, extra))
+    repeated = "case_id,image,label,label\na,images/a.nii.gz,normal,mass\n"
+    with pytest.raises(ManifestError, match="column 'label' appears 2 times"):
+        read_manifest(write_manifest(data, repeated))
+    trailing = "case_id,image,label\na,images/a.nii.gz,normal,\n"  # an empty extra field is harmless
+    assert read_manifest(write_manifest(data, trailing)).cases[0].label == 0
