@@ -130,7 +130,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         options["flip_tta"] = args.flip_tta
         model = args.model
-    out = predict(model, args.input, args.out, workers=args.workers, scheduler=args.scheduler, **options)
+    io = {
+        k: v for k, v in (("volume_index", args.volume_index), ("nonfinite", args.nonfinite)) if v is not None
+    }
+    out = predict(
+        model, args.input, args.out, workers=args.workers, scheduler=args.scheduler, io=io, **options
+    )
     code = _print_ledger(f"predict {args.task}", args.out / "ledger.csv")
     print(f"outputs: {out}")
     return code
@@ -264,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="segment: average each slice's scores with its left-right mirror's (twice the net's time; "
         "default: the checkpoint's segment.flip_tta)",
+    )
+    p.add_argument(
+        "--volume-index",
+        type=int,
+        help="4D scans: the volume to read, from 0 (default: the checkpoint's io.volume_index)",
+    )
+    p.add_argument(
+        "--nonfinite",
+        choices=["error", "zero"],
+        help="NaN/Inf voxels: refuse the scan, or read them as 0 (default: the checkpoint's io.nonfinite)",
     )
 
     p = command("report", cmd_report, "write RUN/report/index.html from whatever stages the run holds")

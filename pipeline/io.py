@@ -206,7 +206,9 @@ def check_header(
     if header.dimension not in (2, 3, 4):
         raise VolumeError(path, f"{header.dimension}D image is not supported")
     if header.dimension == 4 and volume_index is None:
-        raise VolumeError(path, f"4D image {size}: give a volume index (io.volume_index) to pick one volume")
+        raise VolumeError(
+            path, f"4D image {size}: pick a volume index with io.volume_index (predict: --volume-index)"
+        )
     if header.dimension == 4 and not 0 <= volume_index < size[3]:  # type: ignore[operator]
         raise VolumeError(path, f"volume index {volume_index} is outside 0..{size[3] - 1}")
     if any(s < 1 for s in size):
@@ -280,7 +282,10 @@ def _check_finite(
     if bad == 0:
         return image
     if nonfinite != "zero":
-        raise VolumeError(path, f"{bad:,} NaN/Inf voxels (set io.nonfinite: zero to replace them with 0)")
+        raise VolumeError(
+            path,
+            f"{bad:,} NaN/Inf voxels (read them as 0 with io.nonfinite: zero; predict: --nonfinite zero)",
+        )
     fixed = sitk.GetImageFromArray(np.nan_to_num(view, nan=0.0, posinf=0.0, neginf=0.0))
     fixed.CopyInformation(image)
     return fixed

@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.batch import Row
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.cli import main
 from pipeline.config import Config
 from pipeline.evaluate.segmentation import case_metrics, run_evaluate_segment
-from pipeline.infer.segment import load_segmenter, run_predict_segment, segment_volume
+from pipeline.infer.segment import _volume_row, load_segmenter, run_predict_segment, segment_volume
 from pipeline.io import read_volume
 from pipeline.manifest import Case
 from pipeline.preprocess.stage import load_cases
@@ -161,6 +162,21 @@ def test_prepare_neutralises_padding_and_restores_the_grid():
     assert dice(restored, truth) > 0.97
 
 
+def test_non_square_pixels_keep_the_anatomy_round_in_the_net_input():
+    """A body round in mm on 1 x 2 mm pixels (a coronal acquisition's axial slices) must reach the
+    net round, as on square pixels, and its scores must come back onto the original pixels."""
+    rows, cols = np.mgrid[:140, :70]
+    body = (rows - 70.0) ** 2 + ((cols - 35.0) * 2) ** 2 < 50.0**2  # radius 50 mm
+    stack = np.where(body, 40.0, -1000.0)[None]
+    prepared = prepare_slices(stack, SliceParams(size=64), pixel_mm=(1.0, 2.0))
+    seen = prepared.images[0, 0].numpy() > 0.5
+    height, width = np.flatnonzero(seen.any(axis=1)).size, np.flatnonzero(seen.any(axis=0)).size
+    assert abs(height - width) <= 2, (height, width)
+    resized = crop_resize(body[None], prepared.boxes, 64, 0, mode="nearest-exact")
+    restored = restore_slices(resized * 2.0 - 1.0, prepared.boxes, stack.shape[1:])
+    assert dice(restored, body[None]) > 0.97
+
+
 def test_training_labels_outside_the_body_are_dropped(tmp_path):
     affine = grid_affine(np.diag([-1.0, -1.0, 1.0]))
     image, mask = phantom(affine)
@@ -248,6 +264,13 @@ def test_lung_volume_is_voxel_count_times_voxel_volume():
 # --- training, prediction, evaluation -----------------------------------------------------------
 
 
+def test_volumes_table_leaves_unmeasured_sides_empty():
+    labels = np.zeros((4, 4, 4), np.uint8)
+    labels[:2] = 1
+    row = _volume_row(Row("c", "ok", extra=lung_volumes(labels, np.diag([2.0, 2.0, 2.0, 1.0]), sides=False)))
+    assert row == {"right_ml": "", "left_ml": "", "total_ml": "0.256", "status": "ok", "reason": ""}
+
+
 def test_training_writes_the_run_folder(trained):
     out = trained.run_dir / "segment"
     for name in ("checkpoint.pt", "checkpoint.json", "history.csv", "config.yaml", "splits.csv"):
@@ -319,6 +342,24 @@ def test_predict_cli_flip_tta_writes_the_averaged_mask(trained, tmp_path):
     assert dice(labels, case.mask) > 0.9
     classify = ["predict", "classify", "--model", str(model), "--input", str(scan), "--out", str(tmp_path)]
     assert main([*classify, "--flip-tta"]) == 2  # a segment-only option
+
+
+def test_predict_cli_reads_a_4d_scan_and_nan_voxels_when_told_to(trained, tmp_path):
+    case = synth_case(102)
+    with_nan = case.image.astype(np.float32)
+    with_nan[0, 0, 0] = np.nan
+    folder = tmp_path / "in"
+    save(folder / "series.nii.gz", np.stack([case.image, case.image + 5], axis=-1), case.affine)
+    save(folder / "nan.nii.gz", with_nan, case.affine)
+    argv = ["predict", "segment", "--model", str(trained.run_dir / "segment"), "--input", str(folder)]
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 1  # both refused, saying how to read them
+    reasons = {r["case_id"]: r["reason"] for r in csv.DictReader((tmp_path / "plain" / "volumes.csv").open())}
+    assert "--volume-index" in reasons["series"] and "--nonfinite zero" in reasons["nan"]
+    assert main([*argv, "--out", str(tmp_path / "told"), "--volume-index", "1", "--nonfinite", "zero"]) == 0
+    mask = nib.load(tmp_path / "told" / "masks" / "series.nii.gz")
+    assert mask.shape == case.image.shape and np.allclose(mask.affine, case.affine)
+    assert dice(np.asarray(mask.dataobj), case.mask) > 0.9
+    assert dice(np.asarray(nib.load(tmp_path / "told" / "masks" / "nan.nii.gz").dataobj), case.mask) > 0.9
 
 
 def second_net(trained: Config, folder: Path, **slice_params: object) -> Path:

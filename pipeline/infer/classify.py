@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +51,15 @@ def _classifier(model_dir: Path) -> tuple[nn.Module, dict[str, Any], float]:
 
 
 @torch.no_grad()
-def classify_case(payload: tuple[Path, Case]) -> Row:
-    """Preprocess and classify one case; ``extra`` holds probability, prediction and threshold."""
-    model_dir, case = payload
+def classify_case(payload: tuple[Path, Case, IOConfig]) -> Row:
+    """Preprocess and classify one case, read with ``io``'s options; ``extra`` holds probability,
+    prediction and threshold."""
+    model_dir, case, io = payload
     if case.problem:
         raise ValueError(case.problem)
     start = time.perf_counter()
     model, meta, threshold = _classifier(model_dir)
-    volume, mask = read_case(case, IOConfig.model_validate(meta["io"]))
+    volume, mask = read_case(case, io)
     arrays, _ = preprocess_volume(volume, mask, PreprocessConfig.model_validate(meta["preprocess"]))
     x = torch.from_numpy(model_input(arrays, meta["input"])[None])
     proba = torch.softmax(model(x), 1)[0].numpy()
@@ -78,14 +80,21 @@ def _prediction_row(row: Row, image: str) -> dict[str, str]:
 
 
 def run_predict_classify(
-    model_dir: Path, inputs: Path, out: Path, workers: int = 0, scheduler: str | None = None
+    model_dir: Path,
+    inputs: Path,
+    out: Path,
+    workers: int = 0,
+    scheduler: str | None = None,
+    io: Mapping[str, object] | None = None,
 ) -> Path:
     """Classify every input case into ``out/predictions.csv``; return that path.
 
     ``workers`` local processes, or the Dask cluster at ``scheduler`` (see ``pipeline.batch``).
+    ``io`` overrides the checkpoint's ``io`` read options (e.g. ``volume_index`` for 4D scans).
     """
     model_dir, out = Path(model_dir).resolve(), Path(out)
     _, meta, _ = _classifier(model_dir)  # fail early on a missing or broken checkpoint
+    read = IOConfig.model_validate({**meta["io"], **(io or {})})
     remove_stale_temps(out)
     cases = input_cases(Path(inputs), out)
     why = mask_requirement(PreprocessConfig.model_validate(meta["preprocess"]))
@@ -97,10 +106,12 @@ def run_predict_classify(
     images = {c.case_id: str(c.image) for c in cases}
     table = ResultTable(out / "predictions.csv", PREDICTION_COLUMNS, [c.case_id for c in cases])
     # a rerun redoes a case whose scan, mask, checkpoint or threshold changed since it was done
-    base = case_signature("classify", (model_dir / "checkpoint.pt", model_dir / "metrics.json"))
+    base = case_signature(
+        "classify" + read.model_dump_json(), (model_dir / "checkpoint.pt", model_dir / "metrics.json")
+    )
     run_into_table(
         classify_case,
-        {c.case_id: (model_dir, c) for c in cases},
+        {c.case_id: (model_dir, c, read) for c in cases},
         table,
         lambda row: _prediction_row(row, images[row.case_id]),
         out / "ledger.csv",

@@ -24,8 +24,9 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 import time
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,13 +36,19 @@ from torch import nn
 
 from pipeline.batch import ResultTable, Row, case_signature, run_into_table
 from pipeline.checkpoint import load_checkpoint, read_task_sidecar
-from pipeline.config import SegmentConfig
+from pipeline.config import IOConfig, SegmentConfig
 from pipeline.io import Volume, read_volume, remove_stale_temps, write_like
 from pipeline.manifest import Case, input_cases
 from pipeline.models.ensemble import Ensemble
 from pipeline.models.lung_unet import build_lung_unet
 from pipeline.segment.postprocess import lung_volumes, postprocess
-from pipeline.segment.slices import SliceParams, from_canonical, prepare_slices, restore_slices
+from pipeline.segment.slices import (
+    SliceParams,
+    canonical_spacing,
+    from_canonical,
+    prepare_slices,
+    restore_slices,
+)
 from pipeline.train.segment import axial_stack, predict_slices
 
 __all__ = [
@@ -59,11 +66,12 @@ VOLUME_COLUMNS = ("case_id", "right_ml", "left_ml", "total_ml", "status", "reaso
 
 @dataclass
 class Segmenter:
-    """A trained net with the slice parameters and post-processing settings it was trained with."""
+    """A trained net with the slice parameters, post-processing and read settings it was trained with."""
 
     model: nn.Module
     params: SliceParams
     settings: SegmentConfig
+    io: IOConfig
 
 
 @functools.lru_cache(maxsize=8)  # a net is a few MB; an ensemble's members stay cached beside it
@@ -74,7 +82,8 @@ def _load_checkpoint(model_dir: Path) -> Segmenter:
     model = build_lung_unet(**meta["model"])
     load_checkpoint(path, model)
     settings = SegmentConfig.model_validate(meta["config"]["segment"])
-    return Segmenter(model.eval(), SliceParams.from_dict(meta["slice_params"]), settings)
+    io = IOConfig.model_validate(meta["config"].get("io", {}))
+    return Segmenter(model.eval(), SliceParams.from_dict(meta["slice_params"]), settings, io)
 
 
 def _model_dirs(model_dir: Path | Sequence[Path]) -> tuple[Path, ...]:
@@ -96,7 +105,7 @@ def _load_ensemble(model_dirs: tuple[Path, ...]) -> Segmenter:
                 f"{path}: its slice parameters {member.params} differ from {model_dirs[0]}'s {first.params}; "
                 "an ensemble needs nets trained on the same slices"
             )
-    return Segmenter(Ensemble(m.model for m in members).eval(), first.params, first.settings)
+    return Segmenter(Ensemble(m.model for m in members).eval(), first.params, first.settings, first.io)
 
 
 def load_segmenter(model_dir: Path | Sequence[Path], flip_tta: bool | None = None) -> Segmenter:
@@ -120,12 +129,16 @@ def _tick(timings: MutableMapping[str, float] | None, stage: str, start: float) 
 
 
 def _lungs_and_body(
-    segmenter: Segmenter, stack: np.ndarray, timings: MutableMapping[str, float] | None
+    segmenter: Segmenter,
+    stack: np.ndarray,
+    timings: MutableMapping[str, float] | None,
+    pixel_mm: tuple[float, float] = (1.0, 1.0),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Binary lung and body masks (S, H, W) of an axial stack. The net's inputs and scores are
-    freed on return, so post-processing reuses their memory instead of touching fresh pages."""
+    """Binary lung and body masks (S, H, W) of an axial stack with (H, W) pixel spacing ``pixel_mm``.
+    The net's inputs and scores are freed on return, so post-processing reuses their memory instead
+    of touching fresh pages."""
     start = time.perf_counter()
-    prepared = prepare_slices(stack, segmenter.params)
+    prepared = prepare_slices(stack, segmenter.params, pixel_mm)
     start = _tick(timings, "prepare", start)
     s = segmenter.settings
     with torch.inference_mode():
@@ -144,7 +157,8 @@ def segment_volume(
     ``timings``, if given, accumulates seconds per stage: prepare, net, restore, postprocess.
     """
     affine = volume.affine
-    lungs, body = _lungs_and_body(segmenter, axial_stack(volume.array, affine), timings)
+    pixel_mm = canonical_spacing(affine)[:2]
+    lungs, body = _lungs_and_body(segmenter, axial_stack(volume.array, affine), timings, pixel_mm)
     start = time.perf_counter()
     s = segmenter.settings
     labels = postprocess(
@@ -161,14 +175,24 @@ def segment_volume(
     return labels
 
 
-def predict_case(payload: tuple[tuple[Path, ...], Case, Path, bool | None]) -> Row:
-    """Segment one case and write its mask; the row's ``extra`` holds the volumes (top-level: picklable)."""
-    model_dirs, case, out, flip_tta = payload
+def predict_case(payload: tuple[tuple[Path, ...], Case, Path, bool | None, IOConfig]) -> Row:
+    """Segment one case and write its mask; the row's ``extra`` holds the volumes (top-level: picklable).
+
+    The scan is read with ``io``'s options, and 2D single slices are always accepted.
+    """
+    model_dirs, case, out, flip_tta, io = payload
     if case.problem:
         raise ValueError(case.problem)
     start = time.perf_counter()
     segmenter = load_segmenter(model_dirs, flip_tta)
-    volume = read_volume(case.image, allow_2d=True, series_uid=case.series_uid)
+    volume = read_volume(
+        case.image,
+        max_voxels=io.max_voxels,
+        allow_2d=True,
+        volume_index=io.volume_index,
+        nonfinite=io.nonfinite,
+        series_uid=case.series_uid,
+    )
     labels = segment_volume(segmenter, volume)
     path = write_like(labels, volume, out / "masks" / f"{case.case_id}.nii.gz")
     volumes = lung_volumes(labels, volume.affine, sides=segmenter.settings.label_sides)
@@ -177,7 +201,8 @@ def predict_case(payload: tuple[tuple[Path, ...], Case, Path, bool | None]) -> R
 
 def _volume_row(row: Row) -> dict[str, str]:
     vols = row.extra or {}
-    fmt = {k: f"{vols[k]:.3f}" if k in vols else "" for k in ("right_ml", "left_ml", "total_ml")}
+    # an empty cell where a volume is not measured (right/left with label_sides off), not "nan"
+    fmt = {k: f"{v:.3f}" if math.isfinite(v := vols.get(k, math.nan)) else "" for k in VOLUME_COLUMNS[1:4]}
     return {**fmt, "status": row.status, "reason": row.reason}
 
 
@@ -188,23 +213,29 @@ def run_predict_segment(
     workers: int = 0,
     scheduler: str | None = None,
     flip_tta: bool | None = None,
+    io: Mapping[str, object] | None = None,
 ) -> Path:
     """Segment every input case into ``out`` (see the module docstring); return ``out``.
 
     ``workers`` local processes, or the Dask cluster at ``scheduler`` (see ``pipeline.batch``).
     Several ``model_dir`` folders predict as one ensemble. ``flip_tta`` overrides the checkpoint's
-    ``segment.flip_tta`` (``load_segmenter``).
+    ``segment.flip_tta`` (``load_segmenter``), ``io`` its ``io`` read options (e.g. ``volume_index``
+    for 4D scans, ``nonfinite: zero``).
     """
     model_dirs, out = _model_dirs(model_dir), Path(out)
     segmenter = load_segmenter(model_dirs, flip_tta)  # fail early on a missing or broken checkpoint
+    read = IOConfig.model_validate({**segmenter.io.model_dump(), **(io or {})})
     remove_stale_temps(out)
     cases = input_cases(inputs, out)
     table = ResultTable(out / "volumes.csv", VOLUME_COLUMNS, [c.case_id for c in cases])
     # a rerun redoes a case whose scan, nets or settings changed since it was done
-    base = case_signature(segmenter.settings.model_dump_json(), [d / "checkpoint.pt" for d in model_dirs])
+    base = case_signature(
+        segmenter.settings.model_dump_json() + read.model_dump_json(),
+        [d / "checkpoint.pt" for d in model_dirs],
+    )
     run_into_table(
         predict_case,
-        {c.case_id: (model_dirs, c, out, flip_tta) for c in cases},
+        {c.case_id: (model_dirs, c, out, flip_tta, read) for c in cases},
         table,
         _volume_row,
         out / "ledger.csv",

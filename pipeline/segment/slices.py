@@ -14,8 +14,9 @@ A stack of axial slices (S, H, W) in HU is then prepared slice by slice:
    holes of the body), dilate a little; found on a grid of at most ``body_grid`` pixels a side;
 3. everything outside the body becomes air (this removes the table, the varying air level and the
    field-of-view padding);
-4. a square box around the body (plus a margin) is cut out, padded with air where it leaves the
-   image, and resized to ``size``² (bilinear, antialiased): the aspect ratio is kept;
+4. a box around the body (plus a margin), square in millimetres, is cut out, padded with air where
+   it leaves the image, and resized to ``size``² (bilinear, antialiased): the anatomy's aspect ratio
+   is kept, also for non-square pixels (``pixel_mm``, e.g. a coronal acquisition's axial slices);
 5. scaled to [0, 1].
 
 ``restore_slices`` resizes the net's per-slice scores from ``size``² back into each slice's box on
@@ -45,6 +46,7 @@ __all__ = [
     "PreparedSlices",
     "SliceParams",
     "body_mask",
+    "canonical_spacing",
     "crop_resize",
     "from_canonical",
     "prepare_slices",
@@ -77,7 +79,7 @@ class SliceParams:
 
 @dataclass
 class PreparedSlices:
-    """Net inputs (S, 1, size, size), each slice's box (row, col, side) and the body mask (S, H, W)."""
+    """Net inputs (S, 1, size, size), each slice's box (row, col, rows, cols) and the body mask (S, H, W)."""
 
     images: torch.Tensor
     boxes: np.ndarray
@@ -93,6 +95,14 @@ def _ornt(affine: np.ndarray) -> np.ndarray:
 def to_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """An (i, j, k) array as a view in (L, P, S) orientation (flips and transposes only)."""
     return nib.orientations.apply_orientation(array, _ornt(affine))
+
+
+def canonical_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """The voxel sizes (mm) along the canonical (L, P, S) axes of ``to_canonical``'s view."""
+    ornt = nib.orientations.io_orientation(affine)
+    spacing = np.empty(3)
+    spacing[ornt[:, 0].astype(int)] = nib.affines.voxel_sizes(affine)
+    return float(spacing[0]), float(spacing[1]), float(spacing[2])
 
 
 def from_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -125,19 +135,24 @@ def body_mask(stack: np.ndarray, threshold: float = -500.0, grid: int = 128) -> 
     return ndimage.binary_dilation(body, structure=PLANE), step
 
 
-def _boxes(body: np.ndarray, step: int, shape: tuple[int, int], margin: float) -> np.ndarray:
-    """Square boxes (row, col, side) around each slice's body, in full-resolution pixels."""
-    boxes = np.zeros((len(body), 3), dtype=np.int64)
+def _boxes(
+    body: np.ndarray, step: int, shape: tuple[int, int], margin: float, aspect: float = 1.0
+) -> np.ndarray:
+    """Boxes (row, col, rows, cols) around each slice's body, in full-resolution pixels, square in
+    millimetres: ``aspect`` is a column's width over a row's height (1 for square pixels)."""
+    boxes = np.zeros((len(body), 4), dtype=np.int64)
     rows, cols = body.any(axis=2), body.any(axis=1)
     for s in range(len(body)):
         r, c = np.flatnonzero(rows[s]), np.flatnonzero(cols[s])
         if r.size == 0:
-            boxes[s] = (0, 0, max(shape))
-            continue
-        r0, r1 = r[0] * step, min((r[-1] + 1) * step, shape[0])
-        c0, c1 = c[0] * step, min((c[-1] + 1) * step, shape[1])
-        side = int(np.ceil(max(r1 - r0, c1 - c0) * (1 + 2 * margin)))
-        boxes[s] = ((r0 + r1 - side) // 2, (c0 + c1 - side) // 2, side)
+            r0, r1, c0, c1, grow = 0, shape[0], 0, shape[1], 1.0
+        else:
+            r0, r1 = r[0] * step, min((r[-1] + 1) * step, shape[0])
+            c0, c1 = c[0] * step, min((c[-1] + 1) * step, shape[1])
+            grow = 1 + 2 * margin
+        side = max(r1 - r0, (c1 - c0) * aspect) * grow  # in row pixels
+        height, width = int(np.ceil(side)), int(np.ceil(side / aspect))
+        boxes[s] = ((r0 + r1 - height) // 2, (c0 + c1 - width) // 2, height, width)
     return boxes
 
 
@@ -150,7 +165,8 @@ def crop_resize(
     window: tuple[float, float] | None = None,
     body: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """Cut each slice's square box (padding with ``fill`` outside the slice), resize to ``size``².
+    """Cut each slice's box (row, col, rows, cols), padding with ``fill`` outside the slice; resize
+    it to ``size``².
 
     ``mode`` is a ``torch.nn.functional.interpolate`` mode: bilinear (antialiased) for images,
     nearest-exact for label masks. Optionally values are clipped to ``window`` and pixels outside
@@ -158,10 +174,10 @@ def crop_resize(
     """
     out = torch.empty((len(stack), 1, size, size), dtype=torch.float32)
     height, width = stack.shape[1:]
-    for s, (r0, c0, side) in enumerate(boxes):
-        crop = np.full((side, side), fill, dtype=np.float32)
+    for s, (r0, c0, rows, cols) in enumerate(boxes):
+        crop = np.full((rows, cols), fill, dtype=np.float32)
         rs, cs = max(r0, 0), max(c0, 0)
-        re, ce = min(r0 + side, height), min(c0 + side, width)
+        re, ce = min(r0 + rows, height), min(c0 + cols, width)
         part = stack[s, rs:re, cs:ce].astype(np.float32)
         if window is not None:
             np.clip(part, *window, out=part)
@@ -176,13 +192,18 @@ def crop_resize(
     return out
 
 
-def prepare_slices(stack: np.ndarray, params: SliceParams) -> PreparedSlices:
-    """Net inputs for an (S, H, W) stack of HU slices; see the module docstring for the steps."""
+def prepare_slices(
+    stack: np.ndarray, params: SliceParams, pixel_mm: tuple[float, float] = (1.0, 1.0)
+) -> PreparedSlices:
+    """Net inputs for an (S, H, W) stack of HU slices; see the module docstring for the steps.
+
+    ``pixel_mm`` is the (H, W) pixel spacing; the boxes are square in millimetres.
+    """
     lo, hi = params.window
     small, step = body_mask(stack, params.body_threshold, params.body_grid)
     height, width = stack.shape[1:]
     body = np.repeat(np.repeat(small, step, axis=1), step, axis=2)[:, :height, :width]
-    boxes = _boxes(small, step, (height, width), params.margin)
+    boxes = _boxes(small, step, (height, width), params.margin, pixel_mm[1] / pixel_mm[0])
     images = crop_resize(stack, boxes, params.size, lo, window=params.window, body=body)
     images.sub_(lo).div_(hi - lo)
     return PreparedSlices(images, boxes, body)
@@ -197,11 +218,11 @@ def restore_slices(
     """
     height, width = shape
     out = np.zeros((len(scores), height, width), dtype=bool)
-    for s, (r0, c0, side) in enumerate(boxes):
+    for s, (r0, c0, rows, cols) in enumerate(boxes):
         up = F.interpolate(
-            scores[s : s + 1].float(), (int(side), int(side)), mode="bilinear", align_corners=False
+            scores[s : s + 1].float(), (int(rows), int(cols)), mode="bilinear", align_corners=False
         )[0, 0]
         rs, cs = max(r0, 0), max(c0, 0)
-        re, ce = min(r0 + side, height), min(c0 + side, width)
+        re, ce = min(r0 + rows, height), min(c0 + cols, width)
         out[s, rs:re, cs:ce] = (up[rs - r0 : re - r0, cs - c0 : ce - c0] > threshold).numpy()
     return out

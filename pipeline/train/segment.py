@@ -45,7 +45,13 @@ from pipeline.io import atomic_path, read_volume
 from pipeline.manifest import Case
 from pipeline.models.lung_unet import build_lung_unet
 from pipeline.preprocess.stage import load_cases
-from pipeline.segment.slices import SliceParams, crop_resize, prepare_slices, to_canonical
+from pipeline.segment.slices import (
+    SliceParams,
+    canonical_spacing,
+    crop_resize,
+    prepare_slices,
+    to_canonical,
+)
 from pipeline.train import distributed
 from pipeline.train.loop import LoopSettings, fit, seed_everything
 from pipeline.train.precision import autocast
@@ -113,7 +119,8 @@ def load_slices(cases: list[Case], params: SliceParams, slices_per_volume: int |
         picked = np.arange(len(stack))
         if slices_per_volume is not None and len(stack) > slices_per_volume:
             picked = np.linspace(0, len(stack) - 1, slices_per_volume).round().astype(int)
-        prepared = prepare_slices(np.ascontiguousarray(stack[picked]), params)
+        pixel_mm = canonical_spacing(image.affine)[:2]
+        prepared = prepare_slices(np.ascontiguousarray(stack[picked]), params, pixel_mm)
         # labels outside the body (air mislabelled as lung in a few source masks) are dropped: the
         # net's input is air there and post-processing removes anything outside the body anyway
         truth = np.ascontiguousarray(axial_stack(mask.array, mask.affine)[picked] > 0) & prepared.body
