@@ -81,6 +81,16 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         "classify.extra_models": [{"model": "cnn3d_views", "stem_stride": 2}],
     },
     "conv_lstm": {"classify.model": "conv_lstm"},
+    # the round recorded last in classify_adrenal.py's BEST comment
+    "rotate30": {"classify.rotate_degrees": 30.0},
+    # fewer flips: a random order of the axes (all 48 symmetries of the cube, tried with a
+    # prototype) lowered the out-of-fold AUC, so orientation carries label information
+    "flip0": {"classify.flip_axes": [0]},
+    "flip12": {"classify.flip_axes": [1, 2]},
+    "noflip": {"classify.flip_axes": []},
+    # optimiser settings, untouched since the first rounds (AdamW lr 1e-3, weight decay 1e-4)
+    "decay0.05": {"classify.weight_decay": 0.05},
+    "lr2e-3": {"classify.lr": 2e-3},
     # for 64³ data: resample to a 2 mm, 32³ grid (linear interpolation onto points midway between
     # the 1 mm voxels: each output voxel is the mean of 2x2x2 input voxels, so the mask's edge keeps
     # its sub-voxel position as a fraction), then the 28³ recipe: every slice in the views and the
