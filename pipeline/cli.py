@@ -148,14 +148,35 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_ledgers(config: Config, stage: str) -> list[tuple[str, Path]]:
+    """(title, ledger path) of each per-case batch a ``medpipe run`` stage wrote (preprocess, predict)."""
+    from pipeline.workflow import predict_dir
+
+    if stage == "preprocess":
+        return [("preprocess", config.run_dir / "preprocess" / "ledger.csv")]
+    if stage == "predict":
+        tasks = [t for t in TASKS if getattr(config.predict, t) is not None]
+        return [(f"predict {t}", predict_dir(config, t) / "ledger.csv") for t in tasks]
+    return []
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    """Each stage in turn; a preprocess or predict batch prints its ledger totals, and one where
+    every case failed stops the run with ``BATCH_FAILED``, as the stage's own command would."""
     from pipeline.workflow import run_stages
 
     config = load_config(args.config, run=args.run)
-    timings = run_stages(config)
+    timings: dict[str, float] = {}
+    code = 0
+    for stage in config.stages:
+        timings.update(run_stages(config, [stage]))
+        code = max([0, *(_print_ledger(t, path) for t, path in _stage_ledgers(config, stage))])
+        if code:
+            print(f"stopped after {stage}: every case failed", file=sys.stderr)
+            break
     print("timings: " + ", ".join(f"{stage} {sec:.1f}s" for stage, sec in timings.items()))
     print(f"outputs: {config.run_dir}")
-    return 0
+    return code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -90,3 +90,17 @@ def test_a_batch_where_every_case_failed_exits_1_and_one_good_case_makes_it_0(tm
     good = next((tmp_path / "cohort" / "images").glob("*.nii.gz"))
     (scans / good.name).write_bytes(good.read_bytes())
     assert main(["preprocess", "--input", str(scans), "--run", str(tmp_path / "run")]) == 0
+
+
+def test_run_prints_the_preprocess_ledger_and_stops_with_1_when_every_case_failed(tmp_path, capsys):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "broken.nii.gz").write_bytes(b"not a nifti file")
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({"stages": ["preprocess", "report"], "data": {"input": "scans"}}))
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--run", str(run)]) == 1
+    captured = capsys.readouterr()
+    assert "preprocess: 0 ok, 0 skipped, 1 error" in captured.out and "error broken" in captured.out
+    assert "stopped after preprocess" in captured.err
+    assert not (run / "report").exists()
