@@ -42,6 +42,7 @@ __all__ = [
     "Volume",
     "VolumeError",
     "atomic_path",
+    "float_text",
     "is_nifti",
     "read_header",
     "read_volume",
@@ -358,6 +359,12 @@ def _finite_or_none(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite_or_none(v) for v in value]
     return value
+
+
+def float_text(value: float) -> str:
+    """A float as CSV text that reads back as the same float (shortest repr): a probability written
+    to a few decimals can print equal to a threshold it is below, contradicting its prediction."""
+    return repr(float(value))
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -109,6 +110,31 @@ def test_evaluate_writes_metrics_and_predictions(trained):
     rows = list(csv.DictReader((out / "test_predictions.csv").open()))
     assert [r["case_id"] for r in rows] == [f"c{i:02d}" for i in range(36) if (i // 3) % 6 == 4]
     assert set(rows[0]) == {"case_id", "label", "probability", "prediction"}
+
+
+def test_written_probabilities_reproduce_the_predictions_at_the_written_threshold(
+    trained, tmp_path, monkeypatch
+):
+    """A test score just below the threshold (both 0.500000 to six decimals) stays below it in the CSV."""
+    import pipeline.train.classify as train_classify
+
+    config, _, _ = trained
+    shutil.copytree(config.run_dir, tmp_path / "run")
+    copy = load_config(str(tmp_path / "run" / "classify" / "config.yaml"), run=str(tmp_path / "run"))
+    val_labels = load_split(config.run_dir / "preprocess", "val", "views").labels
+    scores = iter([np.where(val_labels == 1, 0.4999998, 0.1), np.full(6, 0.4999996)])
+
+    def fake_proba(model, inputs, batch_size=64, device="cpu"):
+        positive = next(scores).astype(np.float32)
+        return np.stack([1 - positive, positive], axis=1)
+
+    monkeypatch.setattr(train_classify, "predict_proba", fake_proba)
+    run_evaluate_classify(copy)
+    metrics = json.loads((tmp_path / "run" / "classify" / "metrics.json").read_text())
+    threshold = metrics["test"]["at_val_threshold"]["threshold"]
+    rows = list(csv.DictReader((tmp_path / "run" / "classify" / "test_predictions.csv").open()))
+    assert [r["prediction"] for r in rows] == ["0"] * 6
+    assert all(float(r["probability"]) < threshold for r in rows)
 
 
 def test_predict_folder_with_a_corrupt_file_resumes(trained):

@@ -37,7 +37,7 @@ from sklearn.metrics import (
 
 from pipeline.config import Config
 from pipeline.evaluate.bootstrap import bootstrap_ci
-from pipeline.io import atomic_path, write_json
+from pipeline.io import atomic_path, float_text, write_json
 from pipeline.models import load_classifier, model_spec
 
 __all__ = [
@@ -164,5 +164,5 @@ def run_evaluate_classify(config: Config) -> Path:
         writer = csv.writer(fh)
         writer.writerow(["case_id", "label", "probability", "prediction"])
         for cid, label, score in zip(test.case_ids, test.labels, test_scores, strict=True):
-            writer.writerow([cid, int(label), f"{score:.6f}", int(score >= threshold)])
+            writer.writerow([cid, int(label), float_text(score), int(score >= threshold)])
     return out / "metrics.json"

@@ -28,7 +28,7 @@ from torch import nn
 
 from pipeline.batch import ResultTable, Row, case_signature, run_into_table
 from pipeline.config import IOConfig, PreprocessConfig
-from pipeline.io import remove_stale_temps
+from pipeline.io import float_text, remove_stale_temps
 from pipeline.manifest import Case, input_cases
 from pipeline.models import load_classifier
 from pipeline.preprocess.stage import mask_requirement, preprocess_volume, read_case
@@ -70,7 +70,7 @@ def classify_case(payload: tuple[Path, Case, IOConfig]) -> Row:
         index = int(np.argmax(proba))
         probability = float(proba[index])
     name = classes[index] if index < len(classes) else str(index)
-    extra = {"probability": f"{probability:.6f}", "prediction": name, "threshold": f"{threshold:.6f}"}
+    extra = {"probability": float_text(probability), "prediction": name, "threshold": float_text(threshold)}
     return Row(case.case_id, "ok", "", time.perf_counter() - start, extra=extra)
 
 

@@ -47,7 +47,7 @@ from pipeline.augment import require_whole_volume_slabs, view_augmentation, volu
 from pipeline.balance import balance
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ClassifyConfig, Config, PreprocessConfig, save_config
-from pipeline.io import atomic_path, write_json
+from pipeline.io import atomic_path, float_text, write_json
 from pipeline.models import build_model, model_spec
 from pipeline.models.ensemble import Ensemble
 from pipeline.preprocess.cache import load_entry
@@ -388,7 +388,7 @@ def _train_folds(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) 
         writer.writerow(["case_id", "label", "fold", "probability"])
         fold_of = {int(i): k for k, held in enumerate(folds) for i in held}
         for i, cid in enumerate(train.case_ids):
-            writer.writerow([cid, int(train.labels[i]), fold_of[i], f"{oof[i]:.6f}"])
+            writer.writerow([cid, int(train.labels[i]), fold_of[i], float_text(oof[i])])
     write_history(out / "history.csv", _mean_history(histories))
 
 
