@@ -91,6 +91,10 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # optimiser settings, untouched since the first rounds (AdamW lr 1e-3, weight decay 1e-4)
     "decay0.05": {"classify.weight_decay": 0.05},
     "lr2e-3": {"classify.lr": 2e-3},
+    # the encoder: MONAI's 2D ResNet, one more conv stage; more dropout before the head
+    "resnet": {"classify.encoder": "resnet"},
+    "depth4": {"classify.depth": 4},
+    "dropout0.5": {"classify.dropout": 0.5},
     # for 64³ data: resample to a 2 mm, 32³ grid (linear interpolation onto points midway between
     # the 1 mm voxels: each output voxel is the mean of 2x2x2 input voxels, so the mask's edge keeps
     # its sub-voxel position as a fraction), then the 28³ recipe: every slice in the views and the
