@@ -114,6 +114,17 @@ def test_resume_matches_uninterrupted_run(tmp_path, ema):
         assert torch.allclose(value, split_model.state_dict()[key])
 
 
+def test_resume_under_another_epoch_count_is_refused(tmp_path):
+    with pytest.raises(Interrupted):
+        _run(tmp_path, epochs=5, crash_after=2)
+    before = (tmp_path / "last_state.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"last_state\.pt: .*spans 5 epochs.*--epochs 5"):
+        _run(tmp_path, epochs=8, resume=True)
+    assert (tmp_path / "last_state.pt").read_bytes() == before  # the interrupted run is intact
+    _, result = _run(tmp_path, epochs=5, resume=True)
+    assert result.epochs_run == 5
+
+
 def test_early_stopping(tmp_path):
     def constant(model: nn.Module) -> dict[str, float]:
         return {"acc": 0.5}

@@ -160,6 +160,17 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
+def _check_schedule_length(last: Path, saved: Mapping[str, Any], s: LoopSettings) -> None:
+    """Refuse to resume a cosine schedule under a different epoch count: the saved schedule would
+    either end early or, past its end, swing the LR back up."""
+    span = saved.get("T_max") if s.scheduler == "cosine" else None
+    if span is not None and span != s.epochs:
+        raise ValueError(
+            f"{last}: this run's cosine LR schedule spans {span} epochs and --resume continues it; "
+            f"resume with --epochs {span}, or train for {s.epochs} epochs afresh without --resume"
+        )
+
+
 def _scheduler(optimizer: torch.optim.Optimizer, s: LoopSettings) -> Any:
     if s.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.epochs, eta_min=s.min_lr)
@@ -256,6 +267,7 @@ def fit(
 
     if resume and last.is_file():
         state = load_state(last, device)
+        _check_schedule_length(last, state["scheduler"], s)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
