@@ -34,15 +34,19 @@ def _config(args: argparse.Namespace, **overrides: object) -> Config:
     return load_config(getattr(args, "config", None), run=getattr(args, "run", None), **overrides)
 
 
-def _run_config(args: argparse.Namespace, task: str, **overrides: object) -> Config:
-    """``--config`` if given, else the config the run folder saved (the task's, then preprocess's)."""
+def _run_config(
+    args: argparse.Namespace, task: str, fallbacks: tuple[str, ...] = (), **overrides: object
+) -> Config:
+    """``--config`` if given, else the config the run folder saved: the task's, then preprocess's,
+    then those of the ``fallbacks`` stages (the report reads a run that trained only a lung net)."""
     if args.config is None:
         if not args.run.is_dir():
             raise FileNotFoundError(f"{args.run}: run folder not found")
-        saved = [args.run / task / "config.yaml", args.run / "preprocess" / "config.yaml"]
-        args.config = next((p for p in saved if p.is_file()), None)
+        stages = [task, "preprocess", *fallbacks]
+        args.config = next((p for s in stages if (p := args.run / s / "config.yaml").is_file()), None)
         if args.config is None:
-            raise FileNotFoundError(f"{args.run}: no saved config in {task}/ or preprocess/; give --config")
+            where = ", ".join(f"{s}/" for s in stages)
+            raise FileNotFoundError(f"{args.run}: no saved config in {where}; give --config")
     return _config(args, **overrides)
 
 
@@ -125,6 +129,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if len(args.model) > 1:
             raise ValueError("several --model folders (an ensemble) are an option of predict segment")
         model = args.model[0]
+        if not (model / "metrics.json").is_file():
+            print(
+                f"predict classify: no {model / 'metrics.json'} (the classifier was not evaluated), so "
+                "predictions use the default threshold 0.5; `medpipe evaluate classify` chooses one on "
+                "validation",
+                file=sys.stderr,
+            )
     else:
         from pipeline.infer.segment import run_predict_segment as predict
 
@@ -144,7 +155,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report.stage import run_report
 
-    print(f"report: {run_report(_run_config(args, 'report'))}")
+    print(f"report: {run_report(_run_config(args, 'report', fallbacks=TASKS))}")
     return 0
 
 

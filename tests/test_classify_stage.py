@@ -163,6 +163,31 @@ def test_predict_folder_with_a_corrupt_file_resumes(trained):
     assert (root / "pred" / "ledger.csv").read_text().count("c00") == ledger_before
 
 
+def test_predict_with_an_unevaluated_model_says_it_uses_threshold_half(trained, tmp_path, capsys):
+    _, root, out = trained
+    model = tmp_path / "classify"
+    shutil.copytree(out, model, ignore=shutil.ignore_patterns("metrics.json"))
+    image = root / "data" / "images" / "c00.nii.gz"
+    assert (
+        main(
+            [
+                "predict",
+                "classify",
+                "--model",
+                str(model),
+                "--input",
+                str(image),
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
+    assert "predictions use the default threshold 0.5" in capsys.readouterr().err
+    row = next(csv.DictReader((tmp_path / "p" / "predictions.csv").open()))
+    assert row["threshold"] == "0.5"
+
+
 def test_predict_refuses_inputs_it_cannot_use_up_front(trained, tmp_path, monkeypatch, capsys):
     from pipeline.infer import classify
 

@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -215,3 +216,64 @@ def test_headline_hd95_says_when_empty_masks_are_left_out():
 
     assert hd95_sub(40) == "test mean"
     assert hd95_sub(39) == "test mean of 39 of 40 cases (an empty mask has no HD95)"
+
+
+def _predict_folder(run: Path, probabilities: list[float], threshold: float, names: list[str]) -> Path:
+    folder = run / "predict" / "new"
+    (folder / "masks").mkdir(parents=True)
+    with (folder / "predictions.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["case_id", "image", "status", "probability", "prediction", "threshold", "reason"])
+        for name, p in zip(names, probabilities, strict=True):
+            writer.writerow([name, f"{name}.nii.gz", "ok", repr(p), int(p >= threshold), repr(threshold), ""])
+    with (folder / "volumes.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["case_id", "right_ml", "left_ml", "total_ml", "status", "reason"])
+        for name in names:
+            writer.writerow([name, 1.0, 2.0, 3.0, "ok", ""])
+            (folder / "masks" / f"{name}.nii.gz").write_bytes(b"")
+    return folder
+
+
+def _threshold_json(run: Path, threshold: float) -> None:
+    (run / "classify").mkdir(parents=True, exist_ok=True)
+    metrics = {"test": {"at_val_threshold": {"threshold": threshold}}}
+    (run / "classify" / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+
+
+def test_predictions_table_tells_scores_from_the_threshold_and_quotes_links(tmp_path):
+    from pipeline.report.inputs import RunFolder
+    from pipeline.report.predictions import _table
+
+    run, names = tmp_path / "run", ["scan#1 ü", "a%20b"]
+    folder = _predict_folder(run, [0.50293, 0.7], 0.50295, names)
+    report_dir = run / "report"
+    _threshold_json(run, 0.50295)
+    table = _table(RunFolder(run), folder, report_dir, "predict/new")
+    shown = [float(row[1].text) for row in table.rows]
+    assert table.note == "prediction at threshold 0.5030 (chosen on validation)"
+    assert shown == [0.5029, 0.7]  # one more decimal than usual keeps 0.50293 below 0.50295
+    links = [row[6].href for row in table.rows]
+    assert links == ["../predict/new/masks/scan%231%20%C3%BC.nii.gz", "../predict/new/masks/a%2520b.nii.gz"]
+    for href, name in zip(links, names, strict=True):  # a browser's decoding lands on the file
+        assert (report_dir / unquote(href)).resolve() == (folder / "masks" / f"{name}.nii.gz").resolve()
+
+    _threshold_json(run, 0.6)  # evaluated again after the predictions were made
+    assert (
+        "not the 0.6000 that the latest evaluation chose"
+        in _table(RunFolder(run), folder, report_dir, "predict/new").note
+    )
+    (run / "classify" / "metrics.json").unlink()
+    default = _predict_folder(tmp_path / "bare", [0.4], 0.5, ["c"])
+    note = _table(RunFolder(tmp_path / "bare"), default, report_dir, "predict/new").note
+    assert note.startswith(
+        "prediction at threshold 0.500, the default: the classifier had not been evaluated"
+    )
+
+
+def test_report_command_reads_a_run_that_only_trained_the_lung_net(full_run, tmp_path):
+    from pipeline.cli import main
+
+    run = partial(full_run, tmp_path / "run", ("segment",))
+    assert main(["report", "--run", str(run)]) == 0
+    assert (run / "report" / "index.html").is_file()

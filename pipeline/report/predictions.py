@@ -3,12 +3,16 @@
 A predict folder is ``RUN/predict`` (or a folder directly below it) holding ``predictions.csv``
 (``medpipe predict classify``) and/or ``volumes.csv`` + ``masks/`` (``medpipe predict segment``).
 Mask links are relative to ``RUN/report/index.html``, so they work in a zipped run folder.
+Probabilities are shown with as many decimals as it takes to tell each one from the decision
+threshold, so a score that is displayed as equal to the threshold is never called negative.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import quote
 
 from pipeline.report.blocks import Cell, Note, Section, Table, cell, guard
 from pipeline.report.inputs import RunFolder
@@ -34,8 +38,37 @@ def _rows(folder: Path, name: str) -> dict[str, dict[str, str]]:
     return {r["case_id"]: r for r in RunFolder(folder).csv(name)}
 
 
-def _table(folder: Path, report_dir: Path, rel: str) -> Table:
+def _digits(probabilities: Iterable[float], threshold: float) -> int:
+    """Decimals (3 at least) at which every probability differs from the threshold it was compared
+    with, unless it equals it."""
+    values = list(probabilities)
+    for digits in range(3, 17):
+        if all(p == threshold or round(p, digits) != round(threshold, digits) for p in values):
+            return digits
+    return 17
+
+
+def _threshold_note(run: RunFolder, threshold: float, digits: int) -> str:
+    """Where the predictions' threshold came from: the run's evaluation, the default, or neither."""
+    shown = f"prediction at threshold {threshold:.{digits}f}"
+    if not run.has("classify/metrics.json"):
+        if threshold == 0.5:
+            return f"{shown}, the default: the classifier had not been evaluated (medpipe evaluate classify)"
+        return shown
+    chosen = float(run.json("classify/metrics.json")["test"]["at_val_threshold"]["threshold"])
+    if chosen != threshold:
+        return (
+            f"{shown}, not the {chosen:.{digits}f} that the latest evaluation chose on validation: "
+            "rerun medpipe predict classify"
+        )
+    return f"{shown} (chosen on validation)"
+
+
+def _table(run: RunFolder, folder: Path, report_dir: Path, rel: str) -> Table:
     classes, volumes = _rows(folder, "predictions.csv"), _rows(folder, "volumes.csv")
+    threshold = next((float(r["threshold"]) for r in classes.values() if r.get("threshold")), None)
+    scores = [float(r["probability"]) for r in classes.values() if r.get("probability")]
+    digits = _digits(scores, threshold) if threshold is not None else 3
     header = ["case"]
     if classes:
         header += ["probability", "prediction"]
@@ -47,10 +80,11 @@ def _table(folder: Path, report_dir: Path, rel: str) -> Table:
         c, v = classes.get(case_id, {}), volumes.get(case_id, {})
         row = [Cell(case_id)]
         if classes:
-            row += [cell(c.get("probability")), Cell(c.get("prediction", ""))]
+            row += [cell(c.get("probability"), digits), Cell(c.get("prediction", ""))]
         if volumes:
             mask = folder / "masks" / f"{case_id}.nii.gz"
-            link = Cell("mask", os.path.relpath(mask, report_dir)) if mask.is_file() else Cell("–")
+            href = quote(Path(os.path.relpath(mask, report_dir)).as_posix())
+            link = Cell("mask", href) if mask.is_file() else Cell("–")
             row += [cell(v.get(k), 1) for k in ("right_ml", "left_ml", "total_ml")] + [link]
         statuses = {s for s in (c.get("status"), v.get("status")) if s}
         status = "error" if "error" in statuses else "/".join(sorted(statuses))
@@ -59,8 +93,7 @@ def _table(folder: Path, report_dir: Path, rel: str) -> Table:
         if status == "error":
             failed.add(i)
         body.append(row)
-    threshold = next((r.get("threshold") for r in classes.values() if r.get("threshold")), None)
-    note = f"prediction at threshold {float(threshold):.3f} (chosen on validation)" if threshold else ""
+    note = _threshold_note(run, threshold, digits) if threshold is not None else ""
     return Table(f"Per-case outputs: {rel}", header, body, muted=failed, note=note)
 
 
@@ -74,6 +107,6 @@ def predictions_section(run: RunFolder, report_dir: Path) -> Section:
         )
     for folder in folders:
         rel = folder.relative_to(run.root).as_posix()
-        guard(blocks, f"Predictions in {rel}", lambda f=folder, r=rel: [_table(f, report_dir, r)])
+        guard(blocks, f"Predictions in {rel}", lambda f=folder, r=rel: [_table(run, f, report_dir, r)])
     lead = "New scans run through the trained models (medpipe predict). Masks are in each input's own grid."
     return Section("predictions", "Predictions", lead=lead, blocks=blocks)
