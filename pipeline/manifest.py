@@ -256,6 +256,24 @@ def _image_stem(path: Path) -> str | None:
     return None
 
 
+def _separate_clashes(cases: list[Case], root: Path) -> list[Case]:
+    """Files whose names give one case id (``x.nii`` and ``x.nii.gz``) become error cases named by
+    their whole relative path, each naming the others, so the rest of the folder goes on."""
+    paths: dict[str, list[Path]] = {}
+    for case in cases:
+        paths.setdefault(case.case_id, []).append(case.image)
+    out = []
+    for case in cases:
+        clash = paths[case.case_id]
+        if len(clash) == 1:
+            out.append(case)
+            continue
+        others = ", ".join(str(p) for p in clash if p != case.image)
+        problem = f"{case.image}: {others} gives the same case id {case.case_id!r}; rename one of them"
+        out.append(Case("__".join(case.image.relative_to(root).parts), case.image, problem=problem))
+    return out
+
+
 def discover_folder(folder: str | Path) -> CaseSet:
     """Every NIfTI/NRRD/MHA file and every DICOM series below a folder, as unlabelled cases.
 
@@ -288,6 +306,7 @@ def discover_folder(folder: str | Path) -> CaseSet:
             if path.resolve() not in in_series:
                 cid = "__".join(path.relative_to(root).parts)
                 cases.append(Case(cid, path, problem=f"{path}: not a recognised image file or DICOM series"))
+    cases = _separate_clashes(cases, root)
     counts = Counter(c.case_id for c in cases)
     duplicated = sorted(cid for cid, n in counts.items() if n > 1)
     if duplicated:

@@ -407,12 +407,16 @@ def test_discover_folder_with_only_side_files_is_an_error(tmp_path):
         discover_folder(tmp_path / "absent")
 
 
-def test_discover_folder_refuses_colliding_case_ids(tmp_path, make_ct):
+def test_discover_folder_turns_colliding_case_ids_into_error_cases(tmp_path, make_ct):
     root = tmp_path / "scans"
-    make_ct(root / "x.nii")
-    make_ct(root / "x.nii.gz")
-    with pytest.raises(ManifestError, match="several files give the case id 'x'"):
-        discover_folder(root)
+    for name in ("x.nii", "x.nii.gz", "y.nii.gz"):
+        make_ct(root / name)
+    cases = by_id(discover_folder(root))
+    assert set(cases) == {"x.nii", "x.nii.gz", "y"}
+    assert cases["y"].problem is None
+    first, second = root / "x.nii", root / "x.nii.gz"
+    assert cases["x.nii"].problem == f"{first}: {second} gives the same case id 'x'; rename one of them"
+    assert cases["x.nii.gz"].problem == f"{second}: {first} gives the same case id 'x'; rename one of them"
 
 
 def test_prediction_inputs_name_their_manifest_and_refuse_a_missing_path(data, tmp_path):
