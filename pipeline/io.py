@@ -31,6 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from pipeline import file_checks
+from pipeline.dicom_spacing import check_slice_spacing, one_slice_thickness, slice_positions
 from pipeline.errors import VolumeError
 from pipeline.nifti_gzip import gzip_bytes, read_plain_nifti_gz
 from pipeline.sitk_buffer import array_view
@@ -231,12 +232,15 @@ def check_header(
 
 
 def _execute(path: Path, header: Header, volume_index: int | None) -> sitk.Image:
-    """Read the voxels of a checked header into a 3D SimpleITK image."""
+    """Read the voxels of a checked header into a 3D SimpleITK image (a DICOM series: evenly spaced)."""
+    z = None  # a DICOM series' slice positions
     try:
         if header.dicom_files:
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(list(header.dicom_files))
+            reader.MetaDataDictionaryArrayUpdateOn()  # per-slice tags for the spacing check: free
             image = reader.Execute()
+            z = slice_positions(reader, len(header.dicom_files))
         else:
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
@@ -246,6 +250,9 @@ def _execute(path: Path, header: Header, volume_index: int | None) -> sitk.Image
             image = reader.Execute()
     except RuntimeError as exc:
         raise VolumeError(path, f"truncated or corrupt image data ({_first_line(exc)})") from exc
+    check_slice_spacing(path, header.dicom_files, z)
+    if image.GetDimension() == 3 and image.GetSize()[2] == 1 and (thickness := one_slice_thickness(reader)):
+        image.SetSpacing((*image.GetSpacing()[:2], thickness))  # a lone DICOM slice: GDCM says 1 mm
     if image.GetDimension() == 2:
         image = sitk.JoinSeries(image)
     return image

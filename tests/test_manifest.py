@@ -10,7 +10,8 @@ import pytest
 import SimpleITK as sitk
 from sklearn.model_selection import GroupShuffleSplit
 
-from pipeline.io import read_volume
+from pipeline.dicom_spacing import check_slice_spacing
+from pipeline.io import VolumeError, read_volume
 from pipeline.manifest import Case, CaseSet, ManifestError, assign_splits, discover_folder, read_manifest
 
 
@@ -353,6 +354,57 @@ def test_dicom_series_reads_back_with_its_geometry(tmp_path):
     np.testing.assert_allclose(z, 30.0 + 2.5 * np.arange(6), atol=1e-6)
     np.testing.assert_array_equal(volume.array, array.transpose(2, 1, 0))
     assert volume.axcodes == ("L", "P", "S")  # DICOM's LPS patient axes, seen in RAS+
+
+
+def test_dicom_series_with_a_missing_slice_is_refused(tmp_path):
+    """ITK only warns about uneven slices and reads them onto a uniform grid: io refuses them."""
+    array = (np.arange(6 * 10 * 8).reshape(6, 10, 8) % 500 - 200).astype(np.int16)
+    folder = write_dicom_series(tmp_path / "series", array)
+    assert read_volume(folder).spacing == pytest.approx((0.7, 0.8, 2.5))  # complete: reads as before
+    (folder / "IM0003.dcm").unlink()  # the slice at z = 37.5 (file names run against z)
+    with pytest.raises(VolumeError) as info:
+        read_volume(folder)
+    assert info.value.path == str(folder)
+    assert str(info.value).startswith(f"{folder}: DICOM series slice positions are not evenly spaced: ")
+    assert "a gap of 5.0 mm at z = 35.0 to 40.0 mm (IM0004.dcm, IM0002.dcm) against 2.5 mm elsewhere" in str(
+        info.value
+    )
+    assert str(info.value).endswith("(missing slice?)")
+
+
+@pytest.mark.parametrize("as_folder", [True, False], ids=["series-folder", "file"])
+def test_a_lone_dicom_slice_keeps_its_slice_thickness(tmp_path, as_folder):
+    array = (np.arange(10 * 8).reshape(1, 10, 8) % 500 - 200).astype(np.int16)
+    folder = write_dicom_series(tmp_path / "one", array, spacing=(0.7, 0.8, 3.0))
+    volume = read_volume(folder if as_folder else folder / "IM0001.dcm", allow_2d=True)
+    assert volume.shape == (8, 10, 1) and volume.spacing == pytest.approx((0.7, 0.8, 3.0))
+
+
+@pytest.mark.parametrize(
+    ("z", "reason"),
+    [
+        ([0, 2.5, 5, 7.5], None),
+        (list(np.round(np.arange(40) * 0.625, 2)), None),  # two-decimal positions: within the floor
+        ([0, 2.5], None),
+        ([7.5], None),  # a single slice
+        (None, None),  # tags missing: nothing to check
+        ([0, -2.5, -5, -10, -12.5], r"a gap of 5\.0 mm at z = -5\.0 to -10\.0 mm .*\(missing slice\?\)"),
+        ([0, 2.5, 5, 12.5, 15], r"a gap of 7\.5 mm .*\(2 missing slices\?\)"),
+        ([0, 2.5, 2.5, 5, 7.5], r"two slices at z = 2\.5 mm .*\(duplicate slice\?\)"),
+        ([1, 1, 1], r"2 of 2 slice gaps are zero"),
+        ([0, 2.5, 5, 6.5, 9.5, 12], r"a gap of 1\.5 mm .*\(misplaced slice\?\); 1 more uneven gap$"),
+    ],
+)
+def test_slice_spacing_check(z, reason):
+    files = tuple(f"IM{k}.dcm" for k in range(len(z or [])))
+    positions = None if z is None else np.asarray(z, dtype=float)
+    if reason is None:
+        check_slice_spacing(Path("series"), files, positions)
+        return
+    with pytest.raises(
+        VolumeError, match=r"^series: DICOM series slice positions are not evenly spaced: .*" + reason
+    ):
+        check_slice_spacing(Path("series"), files, positions)
 
 
 def test_discover_folder_finds_every_image_kind(tmp_path, make_ct):
