@@ -125,3 +125,28 @@ def test_ras_and_lps_copies_of_one_scan_give_identical_views(tmp_path):
     b, _ = preprocess_volume(read_volume(save_nifti(tmp_path / "lps.nii.gz", lps, affine_lps)), None, cfg)
     np.testing.assert_allclose(a["views"], b["views"], atol=1e-5)
     np.testing.assert_allclose(a["volume"].astype(np.float32), b["volume"].astype(np.float32), atol=1e-2)
+
+
+@pytest.mark.parametrize("flip", [(True, False, False), (False, True, True)], ids=["x", "yz"])
+def test_foreground_box_is_exact_whichever_way_the_volume_is_stored(monkeypatch, flip):
+    """The strided search's bounds are refined at full resolution, so a flipped copy of the same
+    scan (same world, storage reversed) gets the same box, and that box is the voxels' own."""
+    import SimpleITK as sitk
+
+    from pipeline.io import Volume
+    from pipeline.preprocess import spatial
+
+    monkeypatch.setattr(spatial, "SAMPLE_VOXELS", 1000)  # a stride of 4 on this 41 x 37 x 31 grid
+    array = np.zeros((31, 37, 41), dtype=np.int16)  # (z, y, x)
+    array[5:22, 3:30, 7:33] = 100
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.7, 0.9, 2.0))
+    image.SetOrigin((-10.0, 4.0, 30.0))
+    flipped = sitk.Flip(image, list(flip))  # the same world, the storage reversed along those axes
+    boxes = [spatial.foreground_box(Volume(im, "scan.nii.gz"), 50.0) for im in (image, flipped)]
+    spacing, origin = np.array([0.7, 0.9, 2.0]), np.array([-10.0, 4.0, 30.0])
+    first, last = np.array([7, 3, 5]), np.array([32, 29, 21])  # (x, y, z) voxel indices
+    exact_lo, exact_hi = origin + (first - 0.5) * spacing, origin + (last + 0.5) * spacing
+    for lo, hi, _ in boxes:  # world in RAS: SimpleITK's LPS x and y negate and swap ends
+        assert np.allclose(np.sort(-np.array([exact_lo[:2], exact_hi[:2]]), axis=0), [lo[:2], hi[:2]])
+        assert np.allclose([exact_lo[2], exact_hi[2]], [lo[2], hi[2]])

@@ -50,24 +50,34 @@ def _corners(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.vstack([pts, np.ones(pts.shape[1])])
 
 
+def _edge_plane(array: np.ndarray, axis: int, threshold: float, planes: range) -> int:
+    """The first of ``planes`` (index along ``axis``) holding a voxel above ``threshold``; the
+    last plane of the range is known to hold one."""
+    return next(k for k in planes if (np.take(array, k, axis=axis) > threshold).any())
+
+
 def foreground_box(volume: Volume, threshold: float | None) -> tuple[np.ndarray, np.ndarray, float]:
     """World (RAS mm) bounds of the voxels above ``threshold``, and the foreground fraction.
 
-    With ``threshold=None`` the whole volume is the box. The search runs on a strided sample, so the
-    box may be short by up to one stride; callers add a margin.
+    With ``threshold=None`` the whole volume is the box. The search runs on a strided sample, then
+    each bound is refined on the full-resolution planes between it and the next sampled plane out,
+    so the box does not depend on the direction in which the volume is stored (a structure that
+    the sample misses entirely, thinner than the stride in every axis, can still be left out).
     """
     shape = np.array(volume.shape)
     lo, hi, fraction = np.zeros(3), shape - 1.0, 1.0
     if threshold is not None:
         step = max(1, int(np.ceil((np.prod(shape) / SAMPLE_VOXELS) ** (1 / 3))))
-        sample = volume.array[::step, ::step, ::step]
-        fg = sample > threshold
+        array = volume.array
+        fg = array[::step, ::step, ::step] > threshold
         fraction = float(fg.mean())
         if fraction > 0:
-            idx = [np.flatnonzero(fg.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-            lo = np.array([i[0] for i in idx], dtype=float) * step - step
-            hi = np.array([i[-1] for i in idx], dtype=float) * step + step
-            lo, hi = np.clip(lo, 0, shape - 1), np.clip(hi, 0, shape - 1)
+            for axis in range(3):
+                hits = np.flatnonzero(fg.any(axis=tuple(a for a in range(3) if a != axis))) * step
+                first, last = int(hits[0]), int(hits[-1])
+                lo[axis] = _edge_plane(array, axis, threshold, range(max(0, first - step + 1), first + 1))
+                outer = min(int(shape[axis]) - 1, last + step - 1)
+                hi[axis] = _edge_plane(array, axis, threshold, range(outer, last - 1, -1))
     lo, hi = lo - 0.5, hi + 0.5  # voxel edges, not centres
     world = (volume.affine @ _corners(lo, hi))[:3]
     return world.min(axis=1), world.max(axis=1), fraction
