@@ -137,6 +137,18 @@ def test_written_probabilities_reproduce_the_predictions_at_the_written_threshol
     assert all(float(r["probability"]) < threshold for r in rows)
 
 
+def test_retraining_drops_the_evaluation_of_the_model_it_replaces(trained, tmp_path):
+    config, _, _ = trained
+    if not (config.run_dir / "classify" / "metrics.json").is_file():
+        assert main(["evaluate", "classify", "--run", str(config.run_dir)]) == 0
+    shutil.copytree(config.run_dir, tmp_path / "run")
+    out = tmp_path / "run" / "classify"
+    assert (out / "metrics.json").is_file() and (out / "test_predictions.csv").is_file()
+    assert main(["train", "classify", "--run", str(tmp_path / "run"), "--epochs", "1"]) == 0
+    assert not (out / "metrics.json").exists() and not (out / "test_predictions.csv").exists()
+    assert (out / "checkpoint.pt").is_file()
+
+
 def test_predict_folder_with_a_corrupt_file_resumes(trained):
     _, root, out = trained
     scans = root / "new"

@@ -52,7 +52,7 @@ from pipeline.models import build_model, model_spec
 from pipeline.models.ensemble import Ensemble
 from pipeline.preprocess.cache import load_entry
 from pipeline.train import distributed
-from pipeline.train.loop import FitResult, LoopSettings, fit, seed_everything, write_history
+from pipeline.train.loop import FitResult, LoopSettings, drop_evaluation, fit, seed_everything, write_history
 
 __all__ = [
     "CaseArrays",
@@ -415,6 +415,7 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
             file=sys.stderr,
         )
     transform = _augmentation(cfg, spec.input, preprocess)
+    drop_evaluation(out, ("metrics.json", "test_predictions.csv"))
     if distributed.is_main():
         save_config(config, out / "config.yaml")
     meta = {

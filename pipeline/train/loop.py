@@ -62,6 +62,7 @@ from pipeline.train.precision import autocast
 __all__ = [
     "FitResult",
     "LoopSettings",
+    "drop_evaluation",
     "fit",
     "rng_states",
     "seed_everything",
@@ -158,6 +159,14 @@ def _to(value: Any, device: torch.device) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_to(v, device) for v in value)
     return value
+
+
+def drop_evaluation(out_dir: Path, names: Iterable[str]) -> None:
+    """Delete an earlier evaluation's outputs from a task folder (rank 0 only): they describe a
+    model that this training replaces, and predict would take their decision threshold."""
+    if distributed.is_main():
+        for name in names:
+            (out_dir / name).unlink(missing_ok=True)
 
 
 def _check_schedule_length(last: Path, saved: Mapping[str, Any], s: LoopSettings) -> None:

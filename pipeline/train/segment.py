@@ -53,7 +53,7 @@ from pipeline.segment.slices import (
     to_canonical,
 )
 from pipeline.train import distributed
-from pipeline.train.loop import LoopSettings, fit, seed_everything
+from pipeline.train.loop import LoopSettings, drop_evaluation, fit, seed_everything
 from pipeline.train.precision import autocast
 
 __all__ = [
@@ -236,6 +236,7 @@ def run_train_segment(config: Config, resume: bool = False) -> Path:
     cfg = config.segment
     out = config.run_dir / "segment"
     out.mkdir(parents=True, exist_ok=True)
+    drop_evaluation(out, ("metrics.json", "per_case.csv"))
     save_config(config, out / "config.yaml")
     params = slice_params(cfg)
     cases = segment_cases(config)
