@@ -296,9 +296,9 @@ def load_config(path: str | Path | None = None, **overrides: object) -> Config:
             ) from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the config must be a mapping of sections")
-        for section, key in PATH_KEYS:
-            value = (raw.get(section) or {}).get(key)
-            if value is not None and not Path(value).is_absolute():
+        for section, key in PATH_KEYS:  # other types are left for validation to name
+            value = raw[section].get(key) if isinstance(raw.get(section), dict) else None
+            if isinstance(value, str) and not Path(value).is_absolute():
                 raw[section][key] = str((path.parent / value).resolve())
     for dotted, value in overrides.items():
         if value is None:
@@ -309,6 +309,8 @@ def load_config(path: str | Path | None = None, **overrides: object) -> Config:
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{path or 'config'}: {part}: should be a mapping of keys, got {node!r}")
         node[leaf] = value
     try:
         return Config.model_validate(raw)

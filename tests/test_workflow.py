@@ -52,8 +52,10 @@ def test_run_refuses_an_unknown_stage_naming_it(tmp_path, capsys):
             "cfg.yaml: not valid YAML at line 2, column 1: expected ',' or ']'",
         ),
         (None, "cfg.yaml: config file not found"),
+        ("data: [a, b]\n", "cfg.yaml: data: should be a mapping of keys, got ['a', 'b']"),
+        ("predict: {segment: 3}\n", "cfg.yaml: predict.segment: Input is not a valid path"),
     ],
-    ids=["misspelt_key_and_bad_value", "yaml_syntax", "missing"],
+    ids=["misspelt_key_and_bad_value", "yaml_syntax", "missing", "section_not_a_mapping", "path_not_text"],
 )
 def test_config_errors_name_the_file_and_each_problem(tmp_path, capsys, text, message):
     config = tmp_path / "cfg.yaml"
