@@ -52,6 +52,9 @@ def read_task_sidecar(path: str | Path, task: str) -> dict[str, Any]:
     another task's (``--model RUN/classify`` given to ``predict segment``)."""
     path = Path(path)
     if not path.is_file() or not sidecar_path(path).is_file():
+        inside = path.parent / task / path.name  # --model RUN instead of RUN/<task>
+        if inside.is_file():
+            raise FileNotFoundError(f"{path.parent}: a run folder; give --model {path.parent / task}")
         raise FileNotFoundError(f"{path}: no {task} checkpoint (run `medpipe train {task}` first)")
     meta = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
     if meta.get("task") != task:

@@ -64,3 +64,7 @@ def test_another_tasks_checkpoint_is_named_not_crashed_on(tmp_path):
         load_classifier(tmp_path / "segment" / "checkpoint.pt")
     with pytest.raises(FileNotFoundError, match="no classify checkpoint"):
         load_classifier(tmp_path / "nothing" / "checkpoint.pt")
+    with pytest.raises(
+        FileNotFoundError, match=rf"{tmp_path}: a run folder; give --model {tmp_path / 'segment'}$"
+    ):
+        load_segmenter(tmp_path)  # the run folder instead of RUN/segment
