@@ -25,6 +25,7 @@ import hashlib
 import math
 import multiprocessing
 import os
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -186,9 +187,11 @@ def _guarded(fn: Callable[[Any], Row], task: Task) -> Row:
 
 
 def _limit_threads() -> None:
-    """Keep each worker process to one thread so N workers use N cores."""
+    """Keep each worker process to one thread so N workers use N cores. Ctrl-C is the parent's to
+    handle: a worker interrupted inside the pool's queue locks would deadlock the pool."""
     import SimpleITK as sitk
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = "1"
@@ -231,14 +234,25 @@ def run_cases(
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_limit_threads) as pool:
             futures: dict[Future, Task] = {pool.submit(_guarded, fn, t): t for t in tasks}
-            for future in as_completed(futures):
-                task = futures[future]
-                try:
-                    row = future.result()
-                except Exception as exc:  # the worker process itself died
-                    row = Row(task.case_id, "error", f"worker failed: {type(exc).__name__}: {exc}")
-                finish(row)
+            try:
+                for future in as_completed(futures):
+                    finish(_pool_row(future, futures[future]))
+            except KeyboardInterrupt:  # the queued cases are dropped, the ones in flight finish and count
+                pool.shutdown(wait=True, cancel_futures=True)
+                recorded = {r.case_id for r in rows}
+                for future, task in futures.items():
+                    if future.done() and not future.cancelled() and task.case_id not in recorded:
+                        finish(_pool_row(future, task))
+                raise
     return rows
+
+
+def _pool_row(future: Future, task: Task) -> Row:
+    """A finished future's row; an error row if its worker process died."""
+    try:
+        return future.result()
+    except Exception as exc:
+        return Row(task.case_id, "error", f"worker failed: {type(exc).__name__}: {exc}")
 
 
 def run_into_table(

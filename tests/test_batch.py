@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import csv
 import filecmp
+import multiprocessing
+import os
+import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +37,36 @@ def test_one_failing_case_gets_an_error_row_and_the_rest_finish(tmp_path, worker
     assert {cid: r.output for cid, r in latest.items() if r.status == "ok"} == {
         f"case{n}": str(n * n) for n in (0, 1, 2, 4, 5)
     }
+
+
+def nap_then_mark(payload: tuple[str, int]) -> Row:
+    """A case function: a short nap, then a marker file saying the case finished."""
+    folder, n = payload
+    time.sleep(0.3)
+    (Path(folder) / f"case{n}.done").touch()
+    return Row(f"case{n}", "ok")
+
+
+def test_ctrl_c_with_workers_keeps_every_finished_case_and_drops_the_queue(tmp_path):
+    """Ctrl-C reaches the parent and, from a terminal, the workers too; the pool must not deadlock,
+    and every case that finished must have its ledger row."""
+
+    def ctrl_c_after_two_cases() -> None:
+        while len(list(tmp_path.glob("*.done"))) < 2:
+            time.sleep(0.02)
+        for pid in [p.pid for p in multiprocessing.active_children()] + [os.getpid()]:
+            os.kill(pid, signal.SIGINT)
+
+    ledger = Ledger(tmp_path / "ledger.csv")
+    tasks = [Task(f"case{n}", (str(tmp_path), n)) for n in range(60)]
+    interrupter = threading.Thread(target=ctrl_c_after_two_cases)
+    interrupter.start()
+    with pytest.raises(KeyboardInterrupt):
+        run_cases(nap_then_mark, tasks, ledger, workers=2)
+    interrupter.join()
+    finished = {p.name.removesuffix(".done") for p in tmp_path.glob("*.done")}
+    assert 0 < len(finished) < 60
+    assert set(ledger.rows()) == finished and all(r.status == "ok" for r in ledger.rows().values())
 
 
 def test_ledger_ignores_a_torn_last_line_and_compacts_to_one_row_per_case(tmp_path):
