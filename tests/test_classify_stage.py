@@ -137,6 +137,23 @@ def test_written_probabilities_reproduce_the_predictions_at_the_written_threshol
     assert all(float(r["probability"]) < threshold for r in rows)
 
 
+def test_evaluate_names_the_test_cases_that_failed_preprocessing(trained, tmp_path, capsys):
+    config, _, _ = trained
+    shutil.copytree(config.run_dir, tmp_path / "run")
+    cases = tmp_path / "run" / "preprocess" / "cases.csv"
+    rows = list(csv.DictReader(cases.open()))
+    failed = next(r for r in rows if r["split"] == "test")
+    failed["status"] = "error"
+    with cases.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main(["evaluate", "classify", "--run", str(tmp_path / "run")]) == 0
+    assert f"left out of the metrics: {failed['case_id']}" in capsys.readouterr().err
+    test = json.loads((tmp_path / "run" / "classify" / "metrics.json").read_text())["test"]
+    assert test["excluded"] == [failed["case_id"]] and test["n"] == 5
+
+
 def test_retraining_drops_the_evaluation_of_the_model_it_replaces(trained, tmp_path):
     config, _, _ = trained
     if not (config.run_dir / "classify" / "metrics.json").is_file():

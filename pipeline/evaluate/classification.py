@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -130,6 +131,16 @@ def threshold_cases(
     return np.concatenate([val_labels, labels]), np.concatenate([val_scores, scores])
 
 
+def uncached_cases(prep_dir: Path, split: str) -> list[str]:
+    """The labelled cases of a split that preprocessing failed on, so no model can score them."""
+    with (prep_dir / "cases.csv").open(newline="", encoding="utf-8") as fh:
+        return [
+            r["case_id"]
+            for r in csv.DictReader(fh)
+            if r["split"] == split and r["label"] != "" and r["status"] not in ("ok", "skipped")
+        ]
+
+
 def run_evaluate_classify(config: Config) -> Path:
     """Evaluate ``RUN/classify/checkpoint.pt`` on val (threshold) and test; return the metrics path."""
     from pipeline.train.classify import load_split, predict_proba
@@ -141,6 +152,13 @@ def run_evaluate_classify(config: Config) -> Path:
         raise ValueError("evaluate classify supports two classes (thresholded metrics)")
     key = model_spec(meta["model"]).input
     val, test = load_split(prep, "val", key), load_split(prep, "test", key)
+    excluded = uncached_cases(prep, "test")
+    if excluded:
+        print(
+            f"warning: {prep / 'ledger.csv'}: {len(excluded)} test case(s) failed preprocessing and are "
+            f"left out of the metrics: {', '.join(excluded)}",
+            file=sys.stderr,
+        )
     val_scores = predict_proba(model, val.inputs, device=cfg.device)[:, 1]
     test_scores = predict_proba(model, test.inputs, device=cfg.device)[:, 1]
     labels, scores = threshold_cases(out, meta, val.labels, val_scores, cfg.threshold_on)
@@ -155,6 +173,7 @@ def run_evaluate_classify(config: Config) -> Path:
         "test": {
             "n": len(test.labels),
             "positives": int(test.labels.sum()),
+            "excluded": excluded,  # failed preprocessing (the ledger says why)
             "at_val_threshold": metrics_with_ci(test.labels, test_scores, threshold, cfg.n_boot, cfg.seed),
             "at_0.5": metrics_with_ci(test.labels, test_scores, 0.5, cfg.n_boot, cfg.seed),
         },
