@@ -106,3 +106,13 @@ def test_run_prints_the_preprocess_ledger_and_stops_with_1_when_every_case_faile
     assert "preprocess: 0 ok, 0 skipped, 1 error" in captured.out and "error broken" in captured.out
     assert "stopped after preprocess" in captured.err
     assert not (run / "report").exists()
+
+
+def test_training_a_classifier_before_preprocess_says_to_preprocess(tmp_path, capsys):
+    config = tmp_path / "cfg.yaml"
+    config.write_text("name: early\n")
+    run = tmp_path / "run"
+    assert main(["train", "classify", "--run", str(run), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'preprocess' / 'params.json'}: not found; run `medpipe preprocess`" in err
+    assert not (run / "classify").exists()

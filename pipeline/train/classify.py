@@ -118,8 +118,11 @@ def model_input(arrays: dict[str, np.ndarray], key: str) -> np.ndarray:
 
 
 def read_params(prep_dir: Path) -> dict[str, Any]:
-    """``params.json`` of a preprocess run."""
-    return json.loads((prep_dir / "params.json").read_text(encoding="utf-8"))
+    """``params.json`` of a preprocess run; a clear error where preprocess has not run."""
+    path = prep_dir / "params.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; run `medpipe preprocess` on this run first")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def load_split(prep_dir: Path, split: str, key: str) -> CaseArrays:
@@ -397,8 +400,8 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
     """Train the classifier (or its ``folds`` ensemble) on ``RUN/preprocess``; return ``RUN/classify``."""
     cfg = config.classify.model_copy(update={"device": distributed.device_for(config.classify.device)})
     prep, out = config.run_dir / "preprocess", config.run_dir / "classify"
-    out.mkdir(parents=True, exist_ok=True)
     params = read_params(prep)
+    out.mkdir(parents=True, exist_ok=True)
     spec = model_spec(cfg.model)
     train, val = load_split(prep, "train", spec.input), load_split(prep, "val", spec.input)
     classes = (
