@@ -107,6 +107,7 @@ def test_evaluate_writes_metrics_and_predictions(trained):
             assert set(test[block][name]) == {"value", "ci_low", "ci_high"}
         assert sum(map(sum, test[block]["confusion_matrix"])) == 6
     assert test["at_0.5"]["threshold"] == 0.5
+    assert metrics["positive_class"] == "1" and "[[TN, FP], [FN, TP]]" in metrics["confusion_matrix_layout"]
     rows = list(csv.DictReader((out / "test_predictions.csv").open()))
     assert [r["case_id"] for r in rows] == [f"c{i:02d}" for i in range(36) if (i // 3) % 6 == 4]
     assert set(rows[0]) == {"case_id", "label", "probability", "prediction"}

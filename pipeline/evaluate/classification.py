@@ -165,6 +165,9 @@ def run_evaluate_classify(config: Config) -> Path:
     threshold = choose_threshold(labels, scores, cfg.threshold)
     metrics = {
         "classes": meta["classes"],
+        "positive_class": meta["classes"][1],  # what sensitivity, precision and AUC are of
+        "confusion_matrix_layout": "rows: true class, columns: predicted class, each in classes order "
+        "([[TN, FP], [FN, TP]])",
         "checkpoint_epoch": meta.get("epoch"),
         "threshold_method": cfg.threshold,
         "threshold_cases": {"val": len(val.labels), "out_of_fold": len(labels) - len(val.labels)},
