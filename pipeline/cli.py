@@ -129,13 +129,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if len(args.model) > 1:
             raise ValueError("several --model folders (an ensemble) are an option of predict segment")
         model = args.model[0]
-        if (model / "checkpoint.pt").is_file() and not (model / "metrics.json").is_file():
-            print(
-                f"predict classify: no {model / 'metrics.json'} (the classifier was not evaluated), so "
-                "predictions use the default threshold 0.5; `medpipe evaluate classify` chooses one on "
-                "validation",
-                file=sys.stderr,
-            )
     else:
         from pipeline.infer.segment import run_predict_segment as predict
 

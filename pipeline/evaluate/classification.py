@@ -42,6 +42,7 @@ from pipeline.io import atomic_path, float_text, write_json
 from pipeline.models import load_classifier, model_spec
 
 __all__ = [
+    "OUTPUTS",
     "THRESHOLD_METRICS",
     "binary_metrics",
     "choose_threshold",
@@ -49,6 +50,8 @@ __all__ = [
     "run_evaluate_classify",
     "threshold_cases",
 ]
+
+OUTPUTS = ("metrics.json", "test_predictions.csv")  # in RUN/classify; training deletes them
 
 # A metric whose denominator is empty (sensitivity of a split without positives, precision with no
 # positive prediction, balanced accuracy with one class) is NaN, written as null: undefined, not 0,
@@ -131,19 +134,9 @@ def threshold_cases(
     return np.concatenate([val_labels, labels]), np.concatenate([val_scores, scores])
 
 
-def uncached_cases(prep_dir: Path, split: str) -> list[str]:
-    """The labelled cases of a split that preprocessing failed on, so no model can score them."""
-    with (prep_dir / "cases.csv").open(newline="", encoding="utf-8") as fh:
-        return [
-            r["case_id"]
-            for r in csv.DictReader(fh)
-            if r["split"] == split and r["label"] != "" and r["status"] not in ("ok", "skipped")
-        ]
-
-
 def run_evaluate_classify(config: Config) -> Path:
     """Evaluate ``RUN/classify/checkpoint.pt`` on val (threshold) and test; return the metrics path."""
-    from pipeline.train.classify import load_split, predict_proba
+    from pipeline.train.classify import load_split, predict_proba, split_rows
 
     cfg = config.classify
     out, prep = config.run_dir / "classify", config.run_dir / "preprocess"
@@ -152,7 +145,7 @@ def run_evaluate_classify(config: Config) -> Path:
         raise ValueError("evaluate classify supports two classes (thresholded metrics)")
     key = model_spec(meta["model"]).input
     val, test = load_split(prep, "val", key), load_split(prep, "test", key)
-    excluded = uncached_cases(prep, "test")
+    _, excluded = split_rows(prep, "test")
     if excluded:
         print(
             f"warning: {prep / 'ledger.csv'}: {len(excluded)} test case(s) failed preprocessing and are "
@@ -181,10 +174,11 @@ def run_evaluate_classify(config: Config) -> Path:
             "at_0.5": metrics_with_ci(test.labels, test_scores, 0.5, cfg.n_boot, cfg.seed),
         },
     }
-    write_json(out / "metrics.json", metrics)
-    with atomic_path(out / "test_predictions.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+    metrics_file, predictions_file = OUTPUTS
+    write_json(out / metrics_file, metrics)
+    with atomic_path(out / predictions_file) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["case_id", "label", "probability", "prediction"])
         for cid, label, score in zip(test.case_ids, test.labels, test_scores, strict=True):
             writer.writerow([cid, int(label), float_text(score), int(score >= threshold)])
-    return out / "metrics.json"
+    return out / metrics_file

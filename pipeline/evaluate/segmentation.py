@@ -32,9 +32,10 @@ from pipeline.infer.segment import load_segmenter, segment_volume
 from pipeline.io import atomic_path, read_volume, write_json
 from pipeline.train.segment import segment_cases
 
-__all__ = ["METRICS", "case_metrics", "run_evaluate_segment", "summarise"]
+__all__ = ["METRICS", "OUTPUTS", "case_metrics", "run_evaluate_segment", "summarise"]
 
 METRICS = ("dice", "hd95_mm", "rel_volume_error")
+OUTPUTS = ("metrics.json", "per_case.csv")  # in RUN/segment; training deletes them
 
 
 def case_metrics(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]) -> dict[str, float]:
@@ -93,7 +94,8 @@ def run_evaluate_segment(config: Config, flip_tta: bool | None = None) -> Path:
         truth = read_volume(case.mask, allow_2d=True).array > 0
         pred = segment_volume(segmenter, volume) > 0
         rows.append({"case_id": case.case_id, **case_metrics(pred, truth, volume.spacing)})
-    with atomic_path(out / "per_case.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+    metrics_file, per_case_file = OUTPUTS
+    with atomic_path(out / per_case_file) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, ["case_id", *METRICS])
         writer.writeheader()
         writer.writerows(rows)
@@ -105,5 +107,5 @@ def run_evaluate_segment(config: Config, flip_tta: bool | None = None) -> Path:
         **{name: summarise(np.array([r[name] for r in rows])) for name in METRICS},
         "worst_dice": [{"case_id": r["case_id"], "dice": r["dice"]} for r in worst],
     }
-    write_json(out / "metrics.json", metrics)
+    write_json(out / metrics_file, metrics)
     return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -94,6 +95,13 @@ def run_predict_classify(
     """
     model_dir, out = Path(model_dir).resolve(), Path(out)
     _, meta, _ = _classifier(model_dir)  # fail early on a missing or broken checkpoint
+    if not (model_dir / "metrics.json").is_file():
+        print(
+            f"predict classify: no {model_dir / 'metrics.json'} (the classifier was not evaluated), so "
+            "predictions use the default threshold 0.5; `medpipe evaluate classify` chooses one on "
+            "validation",
+            file=sys.stderr,
+        )
     read = IOConfig.model_validate({**meta["io"], **(io or {})})
     remove_stale_temps(out)
     cases = input_cases(Path(inputs), out)

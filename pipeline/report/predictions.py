@@ -10,7 +10,6 @@ threshold, so a score that is displayed as equal to the threshold is never calle
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -38,12 +37,11 @@ def _rows(folder: Path, name: str) -> dict[str, dict[str, str]]:
     return {r["case_id"]: r for r in RunFolder(folder).csv(name)}
 
 
-def _digits(probabilities: Iterable[float], threshold: float) -> int:
+def _digits(probabilities: list[float], threshold: float) -> int:
     """Decimals (3 at least) at which every probability differs from the threshold it was compared
     with, unless it equals it."""
-    values = list(probabilities)
     for digits in range(3, 17):
-        if all(p == threshold or round(p, digits) != round(threshold, digits) for p in values):
+        if all(p == threshold or round(p, digits) != round(threshold, digits) for p in probabilities):
             return digits
     return 17
 

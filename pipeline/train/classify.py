@@ -67,6 +67,7 @@ __all__ = [
     "read_params",
     "run_train_classify",
     "split_metrics",
+    "split_rows",
 ]
 
 
@@ -125,14 +126,18 @@ def read_params(prep_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def split_rows(prep_dir: Path, split: str) -> tuple[list[dict[str, str]], list[str]]:
+    """The ``cases.csv`` rows of one split's labelled cases that have a cache entry, and the ids of
+    those preprocessing failed on."""
+    with (prep_dir / "cases.csv").open(newline="", encoding="utf-8") as fh:
+        labelled = [r for r in csv.DictReader(fh) if r["split"] == split and r["label"] != ""]
+    cached = [r for r in labelled if r["status"] in ("ok", "skipped")]
+    return cached, [r["case_id"] for r in labelled if r["status"] not in ("ok", "skipped")]
+
+
 def load_split(prep_dir: Path, split: str, key: str) -> CaseArrays:
     """The labelled cases of one split that have a cache entry, stacked in ``cases.csv`` order."""
-    with (prep_dir / "cases.csv").open(newline="", encoding="utf-8") as fh:
-        rows = [
-            r
-            for r in csv.DictReader(fh)
-            if r["split"] == split and r["status"] in ("ok", "skipped") and r["label"] != ""
-        ]
+    rows, _ = split_rows(prep_dir, split)
     if not rows:
         raise ValueError(f"{prep_dir / 'cases.csv'}: no labelled, cached cases in split {split!r}")
     inputs = np.stack([model_input(load_entry(prep_dir / r["cache"])[0], key) for r in rows])
@@ -418,7 +423,9 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
             file=sys.stderr,
         )
     transform = _augmentation(cfg, spec.input, preprocess)
-    drop_evaluation(out, ("metrics.json", "test_predictions.csv"))
+    from pipeline.evaluate.classification import OUTPUTS as EVALUATION  # evaluate imports this module
+
+    drop_evaluation(out, EVALUATION)
     if distributed.is_main():
         save_config(config, out / "config.yaml")
     meta = {

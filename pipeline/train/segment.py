@@ -236,7 +236,9 @@ def run_train_segment(config: Config, resume: bool = False) -> Path:
     cfg = config.segment
     out = config.run_dir / "segment"
     out.mkdir(parents=True, exist_ok=True)
-    drop_evaluation(out, ("metrics.json", "per_case.csv"))
+    from pipeline.evaluate.segmentation import OUTPUTS as EVALUATION  # evaluate imports this module
+
+    drop_evaluation(out, EVALUATION)
     save_config(config, out / "config.yaml")
     params = slice_params(cfg)
     cases = segment_cases(config)
