@@ -5,7 +5,8 @@
 one on SLURM/PBS with dask-jobqueue, see README). The ledger semantics are the same in every mode.
 Each case's outcome is one ledger row ``case_id, status, reason, seconds, output, signature``
 with status ``ok``, ``skipped`` or ``error``; ``signature`` identifies the inputs and settings the
-case ran with (``case_signature``), so a rerun redoes a case whose file or model changed. Rows
+case ran with (``case_signature``), so a rerun redoes a case whose file, model or medpipe code (or
+the version of a library it runs on) changed. Rows
 are appended and flushed as cases finish, so a killed run loses at most the cases in flight; at the
 end the ledger is rewritten with exactly one row per case. An exception in one case becomes that
 case's error row; the batch goes on.
@@ -21,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import math
 import multiprocessing
@@ -31,6 +33,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +41,17 @@ from tqdm.auto import tqdm
 
 from pipeline.io import atomic_path
 
-__all__ = ["Ledger", "ResultTable", "Row", "Task", "case_signature", "run_cases", "run_into_table"]
+__all__ = [
+    "Ledger",
+    "ResultTable",
+    "Row",
+    "Task",
+    "case_signature",
+    "code_digest",
+    "run_cases",
+    "run_into_table",
+]
+LIBRARIES = ("numpy", "scipy", "SimpleITK", "nibabel", "monai", "torch")
 
 
 @dataclass
@@ -72,10 +85,25 @@ class Task:
     signature: str = ""
 
 
+@functools.cache
+def code_digest() -> str:
+    """A hash of medpipe's own source files and of the versions of the libraries that shape its
+    outputs, so an upgrade (or a local edit) invalidates cached and predicted cases."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for source in sorted(package.rglob("*.py")):
+        digest.update(str(source.relative_to(package)).encode())
+        digest.update(source.read_bytes())
+    for name in LIBRARIES:
+        digest.update(f"{name}={version(name)}".encode())
+    return digest.hexdigest()
+
+
 def case_signature(base: str, paths: Iterable[Path | None]) -> str:
-    """A short hash of ``base`` (the run's parameters) and the size and mtime of each input path; a
-    folder (a DICOM series) counts by the files in it, which can be rewritten without touching it."""
-    parts = [base]
+    """A short hash of ``base`` (the run's parameters), ``code_digest`` and the size and mtime of
+    each input path; a folder (a DICOM series) counts by the files in it, which can be rewritten
+    without touching it."""
+    parts = [base, code_digest()]
     for path in paths:
         if path is None or not path.exists():
             continue

@@ -186,3 +186,16 @@ def test_atomic_writes_get_the_umask_mode_not_mkstemps_owner_only(tmp_path, monk
     with pipeline.io.atomic_path(tmp_path / "out.csv") as tmp:
         tmp.write_text("a,b\n")
     assert (tmp_path / "out.csv").stat().st_mode & 0o777 == 0o644
+
+
+def test_code_digest_covers_the_package_source_and_library_versions(tmp_path, monkeypatch):
+    from pipeline import batch
+
+    digest = batch.code_digest()
+    assert len(digest) == 64 and digest == batch.code_digest()
+    batch.code_digest.cache_clear()
+    monkeypatch.setattr(batch, "version", lambda name: "0.0" if name == "torch" else "1.0")
+    try:
+        assert batch.code_digest() != digest
+    finally:
+        batch.code_digest.cache_clear()

@@ -89,6 +89,17 @@ def test_rerun_skips_valid_entries_and_redoes_when_parameters_change(cohort, tmp
     assert arrays["views"].shape[1] == 3  # slice, mean, max
 
 
+def test_rerun_redoes_cases_cached_by_other_medpipe_code(cohort, tmp_path, monkeypatch):
+    """An upgrade (another code digest) must not reuse the cache the old code wrote."""
+    from pipeline import batch
+
+    config = load_config(None, run=tmp_path / "run", **{"data.manifest": str(cohort), **SMALL})
+    out = run_preprocess(config)
+    monkeypatch.setattr(batch, "code_digest", lambda: "the next release")
+    run_preprocess(config)
+    assert [r["status"] for r in _read_csv(out / "ledger.csv")] == ["ok"] * 24
+
+
 def test_killed_run_resumes_each_case_exactly_once(tmp_path):
     """SIGKILL the whole process group mid-run, rerun: nothing lost, duplicated, redone or half-written."""
     manifest = write_cohort(tmp_path / "cohort", 40, 0.2, size=96, depth=60, seed=5)

@@ -39,7 +39,6 @@ from pipeline.preprocess.spatial import plan_grid, resample
 from pipeline.preprocess.views import center_index, extract_views, point_index
 
 __all__ = [
-    "CACHE_FORMAT",
     "load_cases",
     "mask_requirement",
     "preprocess_volume",
@@ -47,7 +46,6 @@ __all__ = [
     "run_preprocess",
 ]
 
-CACHE_FORMAT = 1
 CASE_COLUMNS = ("case_id", "label", "label_name", "split", "patient_id", "image", "mask", "cache", "status")
 
 
@@ -228,7 +226,6 @@ def run_preprocess(config: Config) -> Path:
     remove_stale_temps(out)
     case_set = load_cases(config)
     params = {
-        "cache_format": CACHE_FORMAT,
         "preprocess": config.preprocess.model_dump(mode="json", exclude={"workers", "scheduler"}),
         "io": config.io.model_dump(mode="json"),
         "classes": case_set.classes,
