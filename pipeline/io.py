@@ -58,6 +58,9 @@ DEFAULT_MAX_VOXELS = 1_000_000_000
 # Flips between ITK's LPS+ physical space and the RAS+ space of NIfTI affines.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+# The ITK readers of the scan formats medpipe takes; a PNG, JPEG, TIFF or BMP carries neither the
+# scanner's intensities nor the patient's geometry, so a CT net's output on it would mean nothing.
+SCAN_IMAGE_IOS = ("NiftiImageIO", "NrrdImageIO", "MetaImageIO", "GDCMImageIO")
 
 
 def is_nifti(path: str | os.PathLike) -> bool:
@@ -173,6 +176,13 @@ def read_header(path: str | os.PathLike, series_uid: str | None = None) -> Heade
             file_checks.gzip_problem(path, None) if path.is_file() and file_checks.is_gzip(path) else None
         )
         raise VolumeError(path, problem or f"not a readable image ({_first_line(exc)})") from exc
+    image_io = sitk.ImageFileReader.GetImageIOFromFileName(info_file)
+    if image_io not in SCAN_IMAGE_IOS:
+        raise VolumeError(
+            path,
+            f"a {image_io.removesuffix('ImageIO')} image holds no scanner intensities or patient "
+            "geometry; give a NIfTI, NRRD/MHA or DICOM scan",
+        )
     if not files and is_nifti(path):
         file_checks.check_nifti_header(path)
     elif not files and path.name.lower().endswith(".mhd"):

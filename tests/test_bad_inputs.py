@@ -220,6 +220,12 @@ def mhd_short_raw(folder, make_ct):
     return path
 
 
+def png_slice(folder, make_ct):
+    path = folder / "screenshot.png"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((64, 64), 120, np.uint8)), str(path))
+    return path
+
+
 # kind -> (builder, pattern the reason must match)
 CORPUS: dict[str, tuple[Builder, str]] = {
     "empty_file": (empty_file, r"empty file \(0 bytes\)"),
@@ -248,6 +254,7 @@ CORPUS: dict[str, tuple[Builder, str]] = {
     "junk_dcm": (junk_dcm, r"not a readable image"),
     "mhd_missing_raw": (mhd_missing_raw, r"data file lost\.raw not found"),
     "mhd_short_raw": (mhd_short_raw, r"truncated or corrupt image data"),
+    "png_slice": (png_slice, r"a PNG image holds no scanner intensities .* NIfTI, NRRD/MHA or DICOM"),
 }
 
 
