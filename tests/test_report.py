@@ -98,7 +98,7 @@ def test_metrics_json_equals_the_stage_files(full_run, full_report):
     ("stages", "omitted"),
     [
         (("preprocess", "classify"), ["Segmentation omitted", "Predictions omitted"]),
-        (("segment",), ["Classifier omitted", "Predictions omitted", "Class balance chart omitted"]),
+        (("segment",), ["Classifier omitted", "Predictions omitted"]),
         (("preprocess",), ["Classifier omitted", "Segmentation omitted", "Predictions omitted"]),
     ],
     ids=["classifier-only", "segmentation-only", "preprocess-only"],
@@ -110,6 +110,8 @@ def test_partial_run_builds_with_notes(full_run, tmp_path, stages, omitted):
     assert [h.split(".", 1)[1] for h in page.headings] == list(SECTION_TITLES)
     for prefix in omitted:
         assert any(n.startswith(prefix) for n in page.notes), (prefix, page.notes)
+    if "classify" not in stages:  # no classifier, so no note about its class balance either
+        assert not any(n.startswith("Class balance") for n in page.notes), page.notes
     assert_images_resolve(index, page)
     gathered = json.loads((index.parent / "metrics.json").read_text(encoding="utf-8"))
     assert set(gathered) - {"run"} == {"classify", "segment"} & set(stages)

@@ -193,7 +193,8 @@ def summary_section(run: RunFolder, figures: Figures) -> Section:
     """Section 1: what went in, how it was balanced, what succeeded and how long it took."""
     blocks: list = []
     guard(blocks, "Dataset counts", lambda: _dataset(run))
-    guard(blocks, "Class balance chart", lambda: _balance(run, figures))
+    if run.has("classify"):  # a run that trained only the lung net has no class balance to show
+        guard(blocks, "Class balance chart", lambda: _balance(run, figures))
     guard(blocks, "Ledger totals", lambda: _ledger_totals(run))
     guard(blocks, "Timings", lambda: _timings(run))
     guard(blocks, "Software versions", lambda: _versions(run))
