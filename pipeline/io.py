@@ -265,7 +265,37 @@ def _execute(path: Path, header: Header, volume_index: int | None) -> sitk.Image
         image.SetSpacing((*image.GetSpacing()[:2], thickness))  # a lone DICOM slice: GDCM says 1 mm
     if image.GetDimension() == 2:
         image = sitk.JoinSeries(image)
+        if is_nifti(path):
+            _set_nifti_geometry(image, path)
     return image
+
+
+def _set_nifti_geometry(image: sitk.Image, path: Path) -> None:
+    """Give a 2D NIfTI slice, joined into one slice of 3D, the header's whole affine: ITK reads the
+    plane alone, so its slab thickness (pixdim[3]) and position along the third axis would be lost."""
+    affine = nib.load(path).affine
+    axes = LPS_TO_RAS @ affine[:3, :3]  # the flip is its own inverse: RAS+ -> ITK's LPS
+    spacing = np.linalg.norm(axes, axis=0)
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((axes / spacing).ravel().tolist())
+    image.SetOrigin((LPS_TO_RAS @ affine[:3, 3]).tolist())
+
+
+def _check_slice_plane(volume: Volume) -> None:
+    """Refuse a one-slice volume whose slice is not axial: a one-slice image gives only an axial
+    view, and the lung net segments axial slices, so a coronal or sagittal slice would be cut across."""
+    flat = [axis for axis, n in enumerate(volume.shape) if n == 1]
+    if not flat or len(flat) == 3:
+        return
+    world = nib.orientations.io_orientation(volume.affine)[:, 0].astype(int)  # 0 R-L, 1 A-P, 2 S-I
+    if any(world[axis] == 2 for axis in flat):
+        return
+    plane = "coronal" if any(world[axis] == 1 for axis in flat) else "sagittal"
+    raise VolumeError(
+        volume.path,
+        f"a single {plane} slice {volume.shape} ({''.join(volume.axcodes)}): one-slice images are "
+        "taken as axial slices only",
+    )
 
 
 def _read_nifti_gz(path: Path, header: Header) -> sitk.Image | None:
@@ -321,7 +351,8 @@ def read_volume(
     """Read a 3D volume (file or DICOM series folder) after checking its header.
 
     Raises VolumeError naming the file for: missing or empty files, non-images, corrupt or truncated
-    data, unsupported dimensionality, bad spacing, oversize headers and NaN/Inf voxels.
+    data, unsupported dimensionality, bad spacing, oversize headers, NaN/Inf voxels and one-slice
+    images that are not axial.
     """
     path = Path(path)
     header = read_header(path, series_uid)
@@ -332,7 +363,9 @@ def read_volume(
         if not header.dicom_files and is_nifti(path):
             file_checks.check_nifti_data(path)
         image = _execute(path, header, volume_index)
-    return Volume(_check_finite(image, path, nonfinite, stored_values, volume_index), path)
+    volume = Volume(_check_finite(image, path, nonfinite, stored_values, volume_index), path)
+    _check_slice_plane(volume)
+    return volume
 
 
 def _file_mode() -> int:

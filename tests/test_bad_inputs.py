@@ -21,7 +21,7 @@ import SimpleITK as sitk
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.io import VolumeError, read_volume
+from pipeline.io import VolumeError, read_volume, save_nifti
 from pipeline.preprocess.stage import preprocess_volume, run_preprocess
 
 Builder = Callable[[Path, Callable[..., Path]], Path]
@@ -297,6 +297,31 @@ def test_two_d_with_allow_2d_is_a_one_slice_volume(tmp_path, make_ct):
     assert volume.shape == (12, 10, 1)
     np.testing.assert_array_equal(volume.array[:, :, 0], np.asanyarray(nib.load(path).dataobj))
     np.testing.assert_allclose(volume.spacing[:2], (0.7, 0.8), rtol=1e-6)
+
+
+def test_a_two_d_nifti_keeps_its_slab_thickness_and_position(tmp_path):
+    """ITK reads a 2D NIfTI's plane alone; the header's third axis (pixdim[3], the slice's z, an
+    oblique tilt) must survive, so the slice reads exactly as the same data stored (X, Y, 1)."""
+    tilt = np.array([[1, 0, 0], [0, np.cos(0.3), -np.sin(0.3)], [0, np.sin(0.3), np.cos(0.3)]])
+    affine = np.eye(4)
+    affine[:3, :3] = tilt @ np.diag([0.725, 0.7, 6.25])
+    affine[:3, 3] = [-100.0, -80.0, 42.5]
+    data = np.arange(12 * 10, dtype=np.int16).reshape(12, 10)
+    flat = read_volume(save_nifti(tmp_path / "flat.nii.gz", data, affine), allow_2d=True)
+    slab = read_volume(save_nifti(tmp_path / "slab.nii.gz", data[:, :, None], affine), allow_2d=True)
+    assert flat.shape == slab.shape == (12, 10, 1)
+    np.testing.assert_allclose(flat.affine, affine, atol=1e-5)
+    np.testing.assert_allclose(flat.affine, slab.affine, atol=1e-5)
+    np.testing.assert_array_equal(flat.array, slab.array)
+
+
+@pytest.mark.parametrize(("axis", "plane"), [(1, "coronal"), (0, "sagittal")])
+def test_a_single_slice_that_is_not_axial_is_refused(tmp_path, axis, plane):
+    shape = [12, 10, 8]
+    shape[axis] = 1
+    path = save_nifti(tmp_path / f"{plane}.nii.gz", np.zeros(shape, np.int16), np.diag([1.0, 1.0, 2.0, 1.0]))
+    with pytest.raises(VolumeError, match=rf"{plane}.nii.gz: a single {plane} slice .*axial slices only"):
+        read_volume(path, allow_2d=True)
 
 
 @pytest.mark.parametrize("builder", [nonfinite_voxels, nonfinite_nrrd])

@@ -150,3 +150,31 @@ def test_foreground_box_is_exact_whichever_way_the_volume_is_stored(monkeypatch,
     for lo, hi, _ in boxes:  # world in RAS: SimpleITK's LPS x and y negate and swap ends
         assert np.allclose(np.sort(-np.array([exact_lo[:2], exact_hi[:2]]), axis=0), [lo[:2], hi[:2]])
         assert np.allclose([exact_lo[2], exact_hi[2]], [lo[2], hi[2]])
+
+
+@pytest.mark.parametrize("degrees", [10.0, 20.0])
+def test_an_oblique_scan_gets_the_box_of_its_content(degrees, tmp_path):
+    """A body stored on a grid rotated about z keeps its own world extent (within a stride), not
+    the wider box of the rotated index box's corners, so `fit: resize` keeps its scale."""
+    from pipeline.preprocess import spatial
+
+    def scan(affine: np.ndarray, shape: tuple[int, int, int]):
+        """An 80 x 60 x 50 mm body centred on the world origin, sampled on ``affine``'s grid."""
+        index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+        world = index @ affine[:3, :3].T + affine[:3, 3]
+        inside = np.all(np.abs(world) <= [40.0, 30.0, 25.0], axis=-1)
+        return read_volume(
+            save_nifti(tmp_path / "scan.nii.gz", np.where(inside, 100, 0).astype(np.int16), affine)
+        )
+
+    theta = np.radians(degrees)
+    rotation = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
+    shape = (90, 90, 30)
+    affine = np.eye(4)
+    affine[:3, :3] = rotation * 1.25
+    affine[:3, 3] = -affine[:3, :3] @ ((np.array(shape) - 1) / 2)
+    lo, hi, _ = spatial.foreground_box(scan(affine, shape), 50.0)
+    step = max(1, int(np.ceil((np.prod(shape) / spatial.SAMPLE_VOXELS) ** (1 / 3))))
+    stride_mm = step * 1.25 * (np.cos(theta) + np.sin(theta))
+    np.testing.assert_allclose(hi[:2] - lo[:2], [80.0, 60.0], atol=2 * stride_mm)
+    assert np.all(hi[:2] - lo[:2] >= [80.0 - 2.5, 60.0 - 2.5])  # nothing cut off

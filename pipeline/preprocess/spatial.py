@@ -63,9 +63,13 @@ def foreground_box(volume: Volume, threshold: float | None) -> tuple[np.ndarray,
     each bound is refined on the full-resolution planes between it and the next sampled plane out,
     so the box does not depend on the direction in which the volume is stored (a structure that
     the sample misses entirely, thinner than the stride in every axis, can still be left out).
+    On an oblique grid the world box of that index box's corners is wider than its content (a
+    rotated box's bounding box), so it is narrowed to the sampled voxels' own world extent, each
+    widened by a stride: within a stride of exact, and never cutting a sampled voxel.
     """
     shape = np.array(volume.shape)
     lo, hi, fraction = np.zeros(3), shape - 1.0, 1.0
+    fg = None
     if threshold is not None:
         step = max(1, int(np.ceil((np.prod(shape) / SAMPLE_VOXELS) ** (1 / 3))))
         array = volume.array
@@ -79,8 +83,21 @@ def foreground_box(volume: Volume, threshold: float | None) -> tuple[np.ndarray,
                 outer = min(int(shape[axis]) - 1, last + step - 1)
                 hi[axis] = _edge_plane(array, axis, threshold, range(outer, last - 1, -1))
     lo, hi = lo - 0.5, hi + 0.5  # voxel edges, not centres
-    world = (volume.affine @ _corners(lo, hi))[:3]
-    return world.min(axis=1), world.max(axis=1), fraction
+    affine = volume.affine
+    world = (affine @ _corners(lo, hi))[:3]
+    box_lo, box_hi = world.min(axis=1), world.max(axis=1)
+    if fg is not None and fraction > 0 and _oblique(affine):
+        points = affine[:3, :3] @ (np.argwhere(fg).T * step) + affine[:3, 3:]
+        reach = (step - 0.5) * np.abs(affine[:3, :3]).sum(axis=1)  # an unsampled voxel's edge
+        box_lo = np.maximum(box_lo, points.min(axis=1) - reach)
+        box_hi = np.minimum(box_hi, points.max(axis=1) + reach)
+    return box_lo, box_hi, fraction
+
+
+def _oblique(affine: np.ndarray, tolerance: float = 1e-4) -> bool:
+    """Whether some voxel axis of ``affine`` is not along a world axis."""
+    axes = np.abs(affine[:3, :3]) / np.linalg.norm(affine[:3, :3], axis=0)
+    return bool(np.any(axes.max(axis=0) < 1 - tolerance))
 
 
 def plan_grid(volume: Volume, cfg: PreprocessConfig, threshold: float | None) -> Grid:
