@@ -351,5 +351,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"medpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"medpipe {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        again = (
+            "rerun with --resume to continue"
+            if args.command == "train"
+            else "rerun the same command to resume"
+        )
+        print(f"medpipe {args.command}: interrupted; {again}", file=sys.stderr)
         return 130

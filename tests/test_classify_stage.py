@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.config import load_config
+from pipeline.config import load_config, save_config
 from pipeline.evaluate.classification import run_evaluate_classify
 from pipeline.infer.classify import run_predict_classify
 from pipeline.models import Ensemble, load_classifier
@@ -165,6 +165,77 @@ def test_retraining_drops_the_evaluation_of_the_model_it_replaces(trained, tmp_p
     assert main(["train", "classify", "--run", str(tmp_path / "run"), "--epochs", "1"]) == 0
     assert not (out / "metrics.json").exists() and not (out / "test_predictions.csv").exists()
     assert (out / "checkpoint.pt").is_file()
+
+
+def _beside(config, run: Path, **classify):
+    """The trained run's config on a new run folder that shares its preprocessing."""
+    run.mkdir()
+    (run / "preprocess").symlink_to(config.run_dir / "preprocess")
+    return config.model_copy(update={"run": run, "classify": config.classify.model_copy(update=classify)})
+
+
+def test_undersampling_to_less_than_a_batch_still_trains(trained, tmp_path):
+    """24 train cases, 8 positive: undersampling keeps 16 per epoch, fewer than a batch of 20."""
+    config = _beside(trained[0], tmp_path / "run", balance="undersample", batch_size=20, epochs=1)
+    out = run_train_classify(config, progress=False)
+    assert json.loads((out / "balance.json").read_text())["after_per_epoch"] == {"0": 8, "1": 8}
+    assert float(next(csv.DictReader((out / "history.csv").open()))["train_loss"]) > 0
+
+
+def test_a_fold_ensembles_balance_report_keeps_the_ratio(trained, tmp_path):
+    config = _beside(
+        trained[0], tmp_path / "run", balance="undersample", undersample_ratio=1.5, folds=2, epochs=1
+    )
+    out = run_train_classify(config, progress=False)
+    assert json.loads((out / "balance.json").read_text())["after_per_epoch"] == {"0": 12, "1": 8}
+
+
+def test_a_train_split_of_one_class_is_refused(trained, tmp_path):
+    config = _beside(trained[0], tmp_path / "run")
+    (tmp_path / "run" / "preprocess").unlink()
+    shutil.copytree(trained[0].run_dir / "preprocess", tmp_path / "run" / "preprocess")
+    cases = tmp_path / "run" / "preprocess" / "cases.csv"
+    rows = list(csv.DictReader(cases.open()))
+    for row in rows:  # the positive training cases move to test
+        if row["split"] == "train" and row["label"] == "1":
+            row["split"] = "test"
+    with cases.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(ValueError, match=r"cases\.csv: the train split holds one class only \(0, 16 cases\)"):
+        run_train_classify(config, progress=False)
+
+
+def test_a_volume_model_on_a_views_only_cache_is_a_usage_error(trained, tmp_path, capsys):
+    config = _beside(trained[0], tmp_path / "run", model="cnn3d")
+    save_config(config, tmp_path / "cnn3d.yaml")
+    command = ["train", "classify", "--run", str(tmp_path / "run"), "--config", str(tmp_path / "cnn3d.yaml")]
+    assert main(command) == 2
+    assert "set preprocess.cache_volume: true" in capsys.readouterr().err
+
+
+def test_resume_under_a_config_that_trains_another_model_is_refused(trained, tmp_path, capsys):
+    shutil.copytree(trained[0].run_dir, tmp_path / "run", symlinks=True)
+    out = tmp_path / "run" / "classify"
+    saved = (out / "config.yaml").read_text()
+    wider = trained[0].model_copy(update={"run": tmp_path / "run"})
+    wider.classify.features = 6
+    save_config(wider, tmp_path / "wider.yaml")
+    command = ["train", "classify", "--run", str(tmp_path / "run"), "--resume"]
+    assert main([*command, "--config", str(tmp_path / "wider.yaml")]) == 2
+    assert "classify.features 4 -> 6" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == saved  # the run can still be resumed as it was
+    assert main(command) == 0
+
+
+def test_ctrl_c_in_training_says_to_resume(monkeypatch, tmp_path, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pipeline.cli.cmd_train", interrupted)
+    assert main(["train", "classify", "--run", str(tmp_path)]) == 130
+    assert "rerun with --resume to continue" in capsys.readouterr().err
 
 
 def test_predict_folder_with_a_corrupt_file_resumes(trained):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -279,6 +280,20 @@ def test_training_writes_the_run_folder(trained):
     meta = json.loads((out / "checkpoint.json").read_text())
     assert meta["slice_params"]["size"] == 64 and meta["val_metrics"]["dice"] > 0.9
     assert meta["loop"]["ema_decay"] == 0.9  # the checkpoint holds the EMA weights
+
+
+def test_training_without_train_cases_says_so_and_writes_nothing(cohort, tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    lines = cohort.read_text().splitlines()
+    manifest.write_text("\n".join([lines[0], *(ln.replace(",train", ",val") for ln in lines[1:])]) + "\n")
+    for ln in lines[1:]:  # the images and masks beside the copy
+        for rel in ln.split(",")[1:3]:
+            (tmp_path / rel).parent.mkdir(exist_ok=True)
+            shutil.copy(cohort.parent / rel, tmp_path / rel)
+    config = Config.model_validate({"run": str(tmp_path / "run"), "data": {"manifest": str(manifest)}})
+    with pytest.raises(ValueError, match=r"manifest\.csv: segment training needs train cases"):
+        run_train_segment(config)
+    assert not (tmp_path / "run" / "segment").exists()
 
 
 @pytest.mark.parametrize(("orientation", "oblique"), [("RAS", False), ("LPS", False), ("LPS", True)])

@@ -40,6 +40,7 @@ def _run(
     crash_after: int | None = None,
     ema: float | None = None,
     precision: str = "float32",
+    invalidates=(),
 ):
     torch.manual_seed(123)  # model init; the loop seeds everything else itself
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
@@ -65,6 +66,7 @@ def _run(
         settings,
         meta={"classes": ["a", "b"]},
         resume=resume,
+        invalidates=invalidates,
     )
     return model, result
 
@@ -123,6 +125,34 @@ def test_resume_under_another_epoch_count_is_refused(tmp_path):
     assert (tmp_path / "last_state.pt").read_bytes() == before  # the interrupted run is intact
     _, result = _run(tmp_path, epochs=5, resume=True)
     assert result.epochs_run == 5
+
+
+def test_a_fresh_start_leaves_nothing_of_an_earlier_run(tmp_path):
+    """A new run killed in its first epoch leaves no earlier run's state to be resumed, history to
+    be read or TensorBoard events to be drawn over its own."""
+    _run(tmp_path, epochs=3)
+    with pytest.raises(Interrupted):
+        _run(tmp_path, epochs=5, crash_after=0)
+    for name in ("last_state.pt", "history.csv", "checkpoint.pt", "checkpoint.json"):
+        assert not (tmp_path / name).exists(), name
+    assert len(list((tmp_path / "tb").iterdir())) == 1  # the new run's own event file
+
+
+def test_invalidated_files_go_only_when_an_epoch_runs(tmp_path):
+    evaluation = tmp_path / "metrics.json"
+    _run(tmp_path, epochs=2)
+    evaluation.write_text("{}")
+    _run(tmp_path, epochs=2, resume=True, invalidates=[evaluation])  # finished: nothing retrains
+    assert evaluation.is_file()
+    _run(tmp_path, epochs=2, invalidates=[evaluation])
+    assert not evaluation.exists()
+
+
+def test_a_loader_without_a_batch_is_an_error(tmp_path):
+    empty = DataLoader(_data(), batch_size=100, drop_last=True)  # 64 cases: no whole batch
+    model = nn.Linear(4, 2)
+    with pytest.raises(ValueError, match="gave no batch"):
+        fit(model, empty, nn.CrossEntropyLoss(), _accuracy(empty), tmp_path, LoopSettings(progress=False))
 
 
 def test_early_stopping(tmp_path):

@@ -28,7 +28,9 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing
+import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -44,7 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.augment import require_whole_volume_slabs, view_augmentation, volume_augmentation
-from pipeline.balance import balance
+from pipeline.balance import Balancing, balance
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ClassifyConfig, Config, PreprocessConfig, save_config
 from pipeline.io import atomic_path, float_text, write_json
@@ -52,7 +54,8 @@ from pipeline.models import build_model, model_spec
 from pipeline.models.ensemble import Ensemble
 from pipeline.preprocess.cache import load_entry
 from pipeline.train import distributed
-from pipeline.train.loop import FitResult, LoopSettings, drop_evaluation, fit, seed_everything, write_history
+from pipeline.train.loop import FitResult, LoopSettings, fit, seed_everything, write_history
+from pipeline.train.resume import check_resume
 
 __all__ = [
     "CaseArrays",
@@ -113,7 +116,7 @@ def model_input(arrays: dict[str, np.ndarray], key: str) -> np.ndarray:
     """The array a model takes from one cache entry: views (V, C, H, W) or volume (1, X, Y, Z)."""
     if key not in arrays:
         hint = " (set preprocess.cache_volume: true and rerun preprocess)" if key == "volume" else ""
-        raise KeyError(f"the cache entry has no {key!r} array{hint}")
+        raise ValueError(f"the cache entry has no {key!r} array{hint}")
     array = arrays[key].astype(np.float32)
     return array[None] if key == "volume" else array
 
@@ -170,15 +173,14 @@ def positive_probability(proba: np.ndarray) -> np.ndarray:
 def split_metrics(labels: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     """AUC (NaN with one class present), accuracy and balanced accuracy at argmax."""
     prediction = proba.argmax(1)
-    try:
-        auc = float(roc_auc_score(labels, positive_probability(proba), multi_class="ovr"))
-    except ValueError:
-        auc = float("nan")
-    return {
-        "auc": auc,
-        "accuracy": float(accuracy_score(labels, prediction)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, prediction)),
-    }
+    with warnings.catch_warnings():  # a one-class split: training has already said so
+        warnings.filterwarnings("ignore", category=UserWarning, module="sklearn")
+        try:
+            auc = float(roc_auc_score(labels, positive_probability(proba), multi_class="ovr"))
+        except ValueError:
+            auc = float("nan")
+        balanced = float(balanced_accuracy_score(labels, prediction))
+    return {"auc": auc, "accuracy": float(accuracy_score(labels, prediction)), "balanced_accuracy": balanced}
 
 
 def loop_settings(cfg: ClassifyConfig, progress: bool = True) -> LoopSettings:
@@ -213,8 +215,13 @@ def fold_indices(data: CaseArrays, folds: int, seed: int) -> list[np.ndarray]:
 
 
 def check_models(cfg: ClassifyConfig, preprocess: PreprocessConfig) -> None:
-    """Every model of the run takes the input of ``classify.model`` and the views it needs."""
+    """Every model of the run takes the input of ``classify.model``, and the cache holds it."""
     want = model_spec(cfg.model).input
+    if want == "volume" and not preprocess.cache_volume:
+        raise ValueError(
+            f"classify model {cfg.model} takes the whole volume, which this run's cache does not hold; "
+            "set preprocess.cache_volume: true and rerun preprocess"
+        )
     for model_cfg in cfg.fold_models():
         spec = model_spec(model_cfg.model)
         if spec.input != want:
@@ -245,6 +252,19 @@ class _Training:
     meta: dict[str, Any]  # the checkpoint sidecar's common part
     resume: bool
     progress: bool
+    invalidates: tuple[Path, ...] = ()  # the evaluation of the model this run replaces
+
+
+def _balancing(cfg: ClassifyConfig, labels: np.ndarray, num_classes: int) -> Balancing:
+    """The configured class balancing of a training split."""
+    return balance(
+        cfg.balance,
+        labels,
+        num_classes,
+        oversample_ratio=cfg.oversample_ratio,
+        undersample_ratio=cfg.undersample_ratio,
+        focal_gamma=cfg.focal_gamma,
+    )
 
 
 def _fit_member(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) -> tuple[nn.Module, FitResult]:
@@ -254,24 +274,18 @@ def _fit_member(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) -
     num_classes = max(len(classes), 2)
     seed_everything(cfg.seed)
     model = build_model(cfg, meta["in_channels"], num_classes)
-    balancing = balance(
-        cfg.balance,
-        train.labels,
-        num_classes,
-        oversample_ratio=cfg.oversample_ratio,
-        undersample_ratio=cfg.undersample_ratio,
-        focal_gamma=cfg.focal_gamma,
-    )
+    balancing = _balancing(cfg, train.labels, num_classes)
     out.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         write_json(out / "balance.json", balancing.report(classes))
     dataset = CaseDataset(train, run.transform)
+    per_epoch = len(balancing.sampler)  # undersampling draws fewer cases than the split holds
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
         sampler=distributed.shard(balancing.sampler, dataset, cfg.seed),
         num_workers=cfg.workers,
-        drop_last=len(train.labels) > cfg.batch_size * distributed.world_size(),
+        drop_last=per_epoch > cfg.batch_size * distributed.world_size(),  # a lone case upsets BatchNorm
     )
 
     def validate(net: nn.Module) -> dict[str, float]:
@@ -286,6 +300,7 @@ def _fit_member(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) -
         loop_settings(cfg, run.progress),
         meta={**meta, "classify": cfg.model_dump(mode="json"), "balance": balancing.report(classes)},
         resume=run.resume,
+        invalidates=run.invalidates,
     )
     return model, result
 
@@ -378,7 +393,7 @@ def _train_folds(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) 
     if not distributed.is_main():
         return
     val_metrics = split_metrics(val.labels, predict_proba(ensemble, val.inputs, device=cfg.device))
-    balancing = balance(cfg.balance, train.labels, max(len(meta["classes"]), 2))
+    balancing = _balancing(cfg, train.labels, max(len(meta["classes"]), 2))
     write_json(out / "balance.json", balancing.report(meta["classes"]))
     save_checkpoint(
         out / "checkpoint.pt",
@@ -416,6 +431,12 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
         PreprocessConfig.model_validate(params["preprocess"]) if "preprocess" in params else config.preprocess
     )
     check_models(cfg, preprocess)
+    if len(present := np.unique(train.labels)) < 2:
+        only = classes[int(present[0])] if len(present) else "no case"
+        raise ValueError(
+            f"{prep / 'cases.csv'}: the train split holds one class only ({only}, {len(train.labels)} "
+            "cases); a classifier needs cases of every class to learn from"
+        )
     if len(np.unique(val.labels)) < 2 and distributed.is_main():
         print(
             f"warning: {prep / 'cases.csv'}: the val split holds one class only ({len(val.labels)} cases), "
@@ -425,8 +446,11 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
     transform = _augmentation(cfg, spec.input, preprocess)
     from pipeline.evaluate.classification import OUTPUTS as EVALUATION  # evaluate imports this module
 
-    drop_evaluation(out, EVALUATION)
+    resume = resume and check_resume(out, config, ("classify",))
     if distributed.is_main():
+        if not resume:  # an earlier ensemble's members, of any fold count, must not be resumed later
+            for member in (d for d in out.glob("fold*") if d.is_dir()):
+                shutil.rmtree(member)
         save_config(config, out / "config.yaml")
     meta = {
         "task": "classify",
@@ -438,7 +462,7 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
         "preprocess": params.get("preprocess", config.preprocess.model_dump(mode="json")),
         "io": params.get("io", config.io.model_dump(mode="json")),
     }
-    run = _Training(cfg, transform, meta, resume, progress)
+    run = _Training(cfg, transform, meta, resume, progress, tuple(out / name for name in EVALUATION))
     if cfg.folds == 1:
         _fit_member(run, train, val, out)
     else:

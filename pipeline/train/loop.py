@@ -11,6 +11,10 @@ early after ``patience`` epochs without improvement, and writes into ``out_dir``
 - ``history.csv``: epoch, train_loss, every validation metric, lr, seconds;
 - ``tb/``: TensorBoard event files with the same scalars.
 
+A fresh start (no ``resume``) first deletes every file above that an earlier run left, and the
+files in ``invalidates`` (an evaluation of the weights this run replaces) are deleted before the
+first epoch that runs, so resuming a finished run keeps them.
+
 ``precision="bfloat16"`` runs the training forward pass under bfloat16 autocast
 (``pipeline.train.precision``); the loss, gradients and weights stay float32.
 
@@ -41,8 +45,9 @@ from __future__ import annotations
 import csv
 import math
 import random
+import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -62,7 +67,6 @@ from pipeline.train.precision import autocast
 __all__ = [
     "FitResult",
     "LoopSettings",
-    "drop_evaluation",
     "fit",
     "rng_states",
     "seed_everything",
@@ -161,12 +165,12 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
-def drop_evaluation(out_dir: Path, names: Iterable[str]) -> None:
-    """Delete an earlier evaluation's outputs from a task folder (rank 0 only): they describe a
-    model that this training replaces, and predict would take their decision threshold."""
-    if distributed.is_main():
-        for name in names:
-            (out_dir / name).unlink(missing_ok=True)
+def _clear_earlier_run(out: Path, ckpt: Path, last: Path) -> None:
+    """A fresh start's clean slate: an earlier run's best checkpoint, resume state, history and
+    TensorBoard events must not survive to be taken for this run's."""
+    for stale in (ckpt, sidecar_path(ckpt), last, out / "history.csv"):
+        stale.unlink(missing_ok=True)
+    shutil.rmtree(out / "tb", ignore_errors=True)
 
 
 def _check_schedule_length(last: Path, saved: Mapping[str, Any], s: LoopSettings) -> None:
@@ -233,7 +237,9 @@ def _train_epoch(
         n = len(targets) if hasattr(targets, "__len__") else 1
         total += float(loss.detach()) * n
         count += n
-    return total / max(count, 1)
+    if count == 0:
+        raise ValueError("the training loader gave no batch: fewer cases per epoch than one batch?")
+    return total / count
 
 
 def fit(
@@ -247,13 +253,15 @@ def fit(
     meta: Mapping[str, Any] | None = None,
     resume: bool = False,
     unpack: Callable[[Any], tuple[Any, Any]] = unpack_batch,
+    invalidates: Sequence[Path] = (),
 ) -> FitResult:
     """Train ``model`` and keep its best epoch; see the module docstring for the files written.
 
     ``validate(model)`` returns a mapping of validation metrics (it should use ``torch.no_grad`` and
     ``model.eval()``; the loop switches back to train mode). ``meta`` goes into the checkpoint
     sidecar. With ``resume=True`` an existing ``last_state.pt`` is continued (a finished run returns
-    at once); without it, the run starts from scratch.
+    at once); without it, the run starts from scratch. ``invalidates`` are deleted (rank 0) before
+    the first epoch this call runs.
     """
     s = settings or LoopSettings()
     out = Path(out_dir)
@@ -292,9 +300,9 @@ def fit(
             state["stale"],
             state["stopped"],
         )
-    else:  # a fresh start: no checkpoint of an earlier run may survive as "best"
-        for stale_file in (ckpt, sidecar_path(ckpt)) if main else ():
-            stale_file.unlink(missing_ok=True)
+    else:
+        if main:
+            _clear_earlier_run(out, ckpt, last)
         seed_everything(s.seed + distributed.rank())
 
     from torch.utils.tensorboard import SummaryWriter
@@ -311,6 +319,9 @@ def fit(
         for epoch in bar:
             if stopped:
                 break
+            if epoch == start and main:
+                for path in invalidates:
+                    path.unlink(missing_ok=True)
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             distributed.set_epoch(train_loader, epoch)
@@ -383,6 +394,7 @@ def fit(
             writer.close()
         bar.close()
     distributed.barrier()  # the other ranks read the best checkpoint once rank 0 has written it
-    if ckpt.is_file():
-        model.load_state_dict(load_state(ckpt, device))
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt}: not found after training; train afresh without --resume")
+    model.load_state_dict(load_state(ckpt, device))
     return FitResult(best_epoch, best, len(history), ckpt, history)

@@ -53,8 +53,9 @@ from pipeline.segment.slices import (
     to_canonical,
 )
 from pipeline.train import distributed
-from pipeline.train.loop import LoopSettings, drop_evaluation, fit, seed_everything
+from pipeline.train.loop import LoopSettings, fit, seed_everything
 from pipeline.train.precision import autocast
+from pipeline.train.resume import check_resume
 
 __all__ = [
     "SliceSet",
@@ -235,19 +236,22 @@ def run_train_segment(config: Config, resume: bool = False) -> Path:
     """
     cfg = config.segment
     out = config.run_dir / "segment"
+    params = slice_params(cfg)
+    cases = segment_cases(config)
+    train_cases, val_cases = ([c for c in cases if c.split == split] for split in ("train", "val"))
+    for split, chosen in (("train", train_cases), ("val", val_cases)):
+        if not chosen:
+            raise ValueError(
+                f"{config.data.manifest}: segment training needs {split} cases; the split gives none"
+            )
     out.mkdir(parents=True, exist_ok=True)
     from pipeline.evaluate.segmentation import OUTPUTS as EVALUATION  # evaluate imports this module
 
-    drop_evaluation(out, EVALUATION)
+    resume = resume and check_resume(out, config, ("segment", "data"))
     save_config(config, out / "config.yaml")
-    params = slice_params(cfg)
-    cases = segment_cases(config)
     with atomic_path(out / "splits.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         csv.writer(fh).writerows([("case_id", "split"), *((c.case_id, c.split) for c in cases)])
-    train = load_slices([c for c in cases if c.split == "train"], params, cfg.slices_per_volume)
-    val_cases = [c for c in cases if c.split == "val"]
-    if not val_cases:
-        raise ValueError("segment training needs validation cases (a val split)")
+    train = load_slices(train_cases, params, cfg.slices_per_volume)
     val = load_slices(val_cases, params, cfg.slices_per_volume)
     dataset = _PairDataset(train, augmentation(cfg) if cfg.augment else None)
     loader = DataLoader(
@@ -286,5 +290,6 @@ def run_train_segment(config: Config, resume: bool = False) -> Path:
         settings,
         meta=meta,
         resume=resume,
+        invalidates=[out / name for name in EVALUATION],
     )
     return out
