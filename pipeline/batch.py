@@ -335,10 +335,16 @@ def _run_on_dask(
     fn: Callable[[Any], Row], tasks: list[Task], scheduler: str, finish: Callable[[Row], None]
 ) -> None:
     """Submit every task to a Dask distributed scheduler; ``finish`` each row as it completes."""
-    from distributed import Client
-    from distributed import as_completed as dask_completed
-
-    with Client(scheduler) as client:
+    try:
+        from distributed import Client
+        from distributed import as_completed as dask_completed
+    except ImportError as exc:
+        raise ValueError(f"--scheduler needs Dask distributed: pip install 'medpipe[dask]' ({exc})") from None
+    try:
+        client = Client(scheduler)
+    except OSError as exc:  # unreachable or timed out
+        raise ValueError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+    with client:
         client.run(_limit_threads)
         futures = {
             client.submit(_guarded, fn, t, pure=False, key=f"medpipe-{t.case_id}-{uuid.uuid4().hex[:8]}"): t

@@ -333,10 +333,19 @@ def entry() -> int:
     return main()
 
 
+def _check_output_folders(args: argparse.Namespace) -> None:
+    """Refuse a ``--run`` or ``--out`` that names a file, before a stage writes anything below it."""
+    for flag in ("run", "out"):
+        value = getattr(args, flag, None)
+        if value is not None and Path(value).exists() and not Path(value).is_dir():
+            raise NotADirectoryError(f"{value}: --{flag} names a file, not a folder")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line on ``argv`` (default: ``sys.argv``); returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        _check_output_folders(args)
         return args.handler(args)
     except (
         ManifestError,

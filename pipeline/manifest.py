@@ -119,12 +119,15 @@ NEGATIVE_NAMES = frozenset(
 
 def _class_names(labels: list[str], declared: list[str] | None) -> list[str]:
     """Declared class names, or the sorted distinct labels (numerically when all are integers; a
-    conventional negative name such as "normal" first when there are two)."""
+    conventional negative name such as "normal" first when there are two). Where most labels are
+    integers, the classes are those integers, so a stray "x" or "0.5" is that row's error rather
+    than a class of its own."""
     if declared:
         return list(declared)
     distinct = sorted(set(labels))
-    if all(s.lstrip("-").isdigit() for s in distinct):
-        return [str(v) for v in sorted(int(s) for s in distinct)]
+    integers = [s for s in distinct if s.lstrip("-").isdigit()]
+    if integers and 2 * sum(label in integers for label in labels) > len(labels):
+        return [str(v) for v in sorted(int(s) for s in integers)]
     negative = [name.lower() in NEGATIVE_NAMES for name in distinct]
     if negative == [False, True]:
         return distinct[::-1]
@@ -202,6 +205,13 @@ def read_manifest(path: str | Path, classes: list[str] | None = None, allow_outs
     for row, _ in rows:
         if "label" in row:
             row["label"] = _label_text(row["label"])
+    paths = [(line, r["label"]) for r, line in rows if _image_stem(Path(r.get("label") or "x")) is not None]
+    if paths:
+        line, label = paths[0]
+        raise ManifestError(
+            path,
+            [f"line {line}: label {label!r} is a file name ({len(paths)} such); masks go in the mask column"],
+        )
     names = _class_names([r["label"] for r, _ in rows if r.get("label")], classes)
     cases = []
     for row, line in rows:
@@ -281,6 +291,8 @@ def discover_folder(folder: str | Path) -> CaseSet:
     problem, so nothing in the folder is silently dropped.
     """
     root = Path(folder).resolve()
+    if root.is_file():
+        raise ManifestError(root, ["a file, not a folder: give its folder, or a manifest (--manifest)"])
     if not root.is_dir():
         raise ManifestError(root, ["input folder not found"])
     cases: list[Case] = []

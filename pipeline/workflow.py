@@ -2,7 +2,8 @@
 
 Where each stage writes (all under the run folder):
 
-- preprocess: ``RUN/preprocess/``; classify: ``RUN/classify/`` (train, then evaluate);
+- preprocess: ``RUN/preprocess/``; classify: ``RUN/classify/`` (train, then evaluate; a training
+  interrupted under the same config is continued, any other starts afresh);
 - segment: ``RUN/segment/`` (train, then evaluate); predict: ``RUN/predict/<task>/``;
 - report: ``RUN/report/``.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.io import write_json
+from pipeline.train.resume import interrupted
 
 __all__ = ["STAGES", "predict_dir", "record_timings", "run_stages"]
 
@@ -33,17 +35,17 @@ def _preprocess(config: Config) -> None:
 
 def _classify(config: Config) -> None:
     from pipeline.evaluate.classification import run_evaluate_classify
-    from pipeline.train.classify import run_train_classify
+    from pipeline.train.classify import TRAINING_SECTIONS, run_train_classify
 
-    run_train_classify(config)
+    run_train_classify(config, resume=interrupted(config.run_dir / "classify", config, TRAINING_SECTIONS))
     run_evaluate_classify(config)
 
 
 def _segment(config: Config) -> None:
     from pipeline.evaluate.segmentation import run_evaluate_segment
-    from pipeline.train.segment import run_train_segment
+    from pipeline.train.segment import TRAINING_SECTIONS, run_train_segment
 
-    run_train_segment(config)
+    run_train_segment(config, resume=interrupted(config.run_dir / "segment", config, TRAINING_SECTIONS))
     run_evaluate_segment(config)
 
 

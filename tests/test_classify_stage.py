@@ -223,10 +223,39 @@ def test_resume_under_a_config_that_trains_another_model_is_refused(trained, tmp
     wider.classify.features = 6
     save_config(wider, tmp_path / "wider.yaml")
     command = ["train", "classify", "--run", str(tmp_path / "run"), "--resume"]
+    (out / "metrics.json").write_text("{}")  # an evaluation of the saved model
     assert main([*command, "--config", str(tmp_path / "wider.yaml")]) == 2
     assert "classify.features 4 -> 6" in capsys.readouterr().err
+    assert main([*command, "--epochs", "5"]) == 2
+    assert "classify.epochs 2 -> 5" in capsys.readouterr().err
     assert (out / "config.yaml").read_text() == saved  # the run can still be resumed as it was
+    assert (out / "metrics.json").is_file()
     assert main(command) == 0
+
+
+def test_medpipe_run_continues_a_training_it_interrupted(trained, tmp_path, monkeypatch):
+    from pipeline.train import classify as train_classify
+    from pipeline.workflow import run_stages
+
+    config = _beside(trained[0], tmp_path / "run", epochs=3, n_boot=20)
+    real, calls = train_classify.split_metrics, []
+
+    def killed_in_the_second_epoch(labels, proba):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(labels, proba)
+
+    monkeypatch.setattr(train_classify, "split_metrics", killed_in_the_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(config, ["classify"])
+    history = tmp_path / "run" / "classify" / "history.csv"
+    before = history.read_text().splitlines()
+    monkeypatch.setattr(train_classify, "split_metrics", real)
+    run_stages(config, ["classify"])
+    after = history.read_text().splitlines()
+    assert len(before) == 2 and len(after) == 4 and after[:2] == before  # epoch 0 kept, 1-2 added
+    assert (tmp_path / "run" / "classify" / "metrics.json").is_file()
 
 
 def test_ctrl_c_in_training_says_to_resume(monkeypatch, tmp_path, capsys):

@@ -527,3 +527,17 @@ def test_extra_fields_and_repeated_columns_are_refused(data):
         read_manifest(write_manifest(data, repeated))
     trailing = "case_id,image,label\na,images/a.nii.gz,normal,\n"  # an empty extra field is harmless
     assert read_manifest(write_manifest(data, trailing)).cases[0].label == 0
+
+
+def test_a_stray_label_among_integers_is_that_rows_error_not_a_class(data):
+    text = "case_id,image,label\na,images/a.nii.gz,0\nb,images/b.nii.gz,1\nc,images/c.nii.gz,0.5\n"
+    case_set = read_manifest(write_manifest(data, text))
+    assert case_set.classes == ["0", "1"]
+    assert [c.label for c in case_set.cases] == [0, 1, None]
+    assert case_set.problems == ["c: line 4: label '0.5' is not one of the classes ['0', '1']"]
+
+
+def test_file_names_in_the_label_column_are_refused(data):
+    text = "case_id,image,label\na,images/a.nii.gz,masks/a.nii.gz\nb,images/b.nii.gz,masks/b.nii.gz\n"
+    with pytest.raises(ManifestError, match=r"line 2: label 'masks/a\.nii\.gz' is a file name \(2 such\)"):
+        read_manifest(write_manifest(data, text))

@@ -41,3 +41,13 @@ def test_predict_segment_on_a_dask_cluster_matches_the_serial_run(tmp_path):
         masks = [np.asarray(nib.load(out / "masks" / f"{cid}.nii.gz").dataobj) for out in (serial, dask_out)]
         np.testing.assert_array_equal(*masks)
     assert (serial / "volumes.csv").read_text() == (dask_out / "volumes.csv").read_text()
+
+
+def test_an_unreachable_scheduler_is_a_usage_error(tmp_path, capsys):
+    dask = pytest.importorskip("dask")
+    pytest.importorskip("distributed")
+    manifest = write_cohort(tmp_path / "cohort", 2, 0.0, size=48, depth=16, seed=1)
+    command = ["preprocess", "--manifest", str(manifest), "--run", str(tmp_path / "run")]
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        assert main([*command, "--scheduler", "tcp://127.0.0.1:9"]) == 2
+    assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in capsys.readouterr().err

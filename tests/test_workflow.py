@@ -74,12 +74,23 @@ def test_a_missing_run_folder_is_named(tmp_path, capsys, command):
     assert f"{missing}: run folder not found" in capsys.readouterr().err
 
 
-def test_a_run_folder_that_is_a_file_is_an_error_not_a_traceback(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [(["preprocess", "--input", "."], "--run"), (["synth", "--n", "2"], "--out"), (["demo"], "--run")],
+)
+def test_an_output_folder_that_is_a_file_is_named_as_such(tmp_path, capsys, command, flag):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
-    assert main(["preprocess", "--input", str(tmp_path), "--run", str(afile)]) == 2
-    err = capsys.readouterr().err
-    assert "medpipe preprocess: error:" in err and "afile" in err and "Traceback" not in err
+    assert main([*command, flag, str(afile)]) == 2
+    assert f"error: {afile}: {flag} names a file, not a folder" in capsys.readouterr().err
+
+
+def test_an_input_folder_that_is_a_file_says_so(tmp_path, capsys):
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(b"")
+    assert main(["preprocess", "--input", str(scan), "--run", str(tmp_path / "run")]) == 2
+    assert "scan.nii.gz: a file, not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # so a later stage says to run preprocess
 
 
 def test_a_batch_where_every_case_failed_exits_1_and_one_good_case_makes_it_0(tmp_path, capsys):

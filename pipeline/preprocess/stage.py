@@ -222,9 +222,9 @@ def run_preprocess(config: Config) -> Path:
     """Run the preprocess stage; return ``RUN/preprocess``."""
     out = config.run_dir / "preprocess"
     cache_dir = out / "cache"
+    case_set = load_cases(config)  # a manifest or folder that cannot be read leaves no run folder
     cache_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
-    case_set = load_cases(config)
     params = {
         "preprocess": config.preprocess.model_dump(mode="json", exclude={"workers", "scheduler"}),
         "io": config.io.model_dump(mode="json"),

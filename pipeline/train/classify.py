@@ -72,6 +72,7 @@ __all__ = [
     "split_metrics",
     "split_rows",
 ]
+TRAINING_SECTIONS = ("classify",)  # the config sections that say what a run trains (train.resume)
 
 
 @dataclass
@@ -437,6 +438,13 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
             f"{prep / 'cases.csv'}: the train split holds one class only ({only}, {len(train.labels)} "
             "cases); a classifier needs cases of every class to learn from"
         )
+    if len(classes) > 2 and distributed.is_main():
+        counts = ", ".join(f"{name} {int(np.sum(train.labels == k))}" for k, name in enumerate(classes))
+        print(
+            f"warning: {prep / 'cases.csv'}: {len(classes)} classes (train cases: {counts}); the model "
+            "trains on them all, but evaluate classify and the report handle two classes only",
+            file=sys.stderr,
+        )
     if len(np.unique(val.labels)) < 2 and distributed.is_main():
         print(
             f"warning: {prep / 'cases.csv'}: the val split holds one class only ({len(val.labels)} cases), "
@@ -446,7 +454,7 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
     transform = _augmentation(cfg, spec.input, preprocess)
     from pipeline.evaluate.classification import OUTPUTS as EVALUATION  # evaluate imports this module
 
-    resume = resume and check_resume(out, config, ("classify",))
+    resume = resume and check_resume(out, config, TRAINING_SECTIONS)
     if distributed.is_main():
         if not resume:  # an earlier ensemble's members, of any fold count, must not be resumed later
             for member in (d for d in out.glob("fold*") if d.is_dir()):

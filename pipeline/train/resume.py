@@ -1,11 +1,15 @@
-"""What ``train --resume`` checks before it continues a run's saved state.
+"""What a training checks before it continues a run's saved state.
 
 The resume state (``last_state.pt``, or one per fold of an ensemble) holds weights, optimizer and
 schedule, not the config; the run's ``config.yaml`` says what they were trained with. Resuming under
 a config that trains something else would load mismatched weights (a traceback) or, worse, mix two
-settings into one model, so every training key must match; the keys below only steer evaluation,
-inference or the machine, and may change. The epoch count is checked by the loop itself, against
-the saved cosine schedule.
+settings into one model, so every training key must match. The epoch count is one: the cosine
+schedule is laid out for it. The keys below only steer evaluation, inference or the machine, and
+may change.
+
+``train --resume`` asks ``check_resume``, which refuses a changed config. ``medpipe run`` asks
+``interrupted``, which continues a training that stopped before its end under the same config and
+otherwise lets it start afresh, so rerunning the command after Ctrl-C resumes it.
 """
 
 from __future__ import annotations
@@ -16,27 +20,35 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.checkpoint import load_state
 from pipeline.config import Config
 
-__all__ = ["check_resume", "resume_states"]
+__all__ = ["check_resume", "interrupted", "resume_states"]
 
 FREE_KEYS = {
-    "classify": {"epochs", "workers", "fold_workers", "device", "threshold", "threshold_on", "n_boot"},
-    "segment": {
-        "epochs",
-        "infer_batch",
-        "flip_tta",
-        "keep_components",
-        "max_hole_mm2",
-        "min_aerated",
-        "label_sides",
-    },
+    "classify": {"workers", "fold_workers", "device", "threshold", "threshold_on", "n_boot"},
+    "segment": {"infer_batch", "flip_tta", "keep_components", "max_hole_mm2", "min_aerated", "label_sides"},
 }
 
 
 def resume_states(out: Path) -> list[Path]:
     """The resume states in a task folder: its own, and those of an ensemble's fold members."""
     return sorted(p for p in (out / "last_state.pt", *out.glob("fold*/last_state.pt")) if p.is_file())
+
+
+def _changes(out: Path, config: Config, sections: Sequence[str]) -> list[str]:
+    """Each training key of ``sections`` whose value differs from the run's saved ``config.yaml``."""
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        return []
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    changed = []
+    for section in sections:
+        old, new = saved.get(section) or {}, getattr(config, section).model_dump(mode="json")
+        for key in sorted(set(old) | set(new)):
+            if key not in FREE_KEYS.get(section, set()) and old.get(key) != new.get(key):
+                changed.append(f"{section}.{key} {old.get(key)!r} -> {new.get(key)!r}")
+    return changed
 
 
 def check_resume(out: Path, config: Config, sections: Sequence[str]) -> bool:
@@ -46,20 +58,23 @@ def check_resume(out: Path, config: Config, sections: Sequence[str]) -> bool:
     if not states:
         print(f"note: {out}: no interrupted training to resume; training from scratch", file=sys.stderr)
         return False
-    saved_path = out / "config.yaml"
-    if not saved_path.is_file():
-        return True
-    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
-    changed = []
-    for section in sections:
-        old, new = saved.get(section) or {}, getattr(config, section).model_dump(mode="json")
-        for key in sorted(set(old) | set(new)):
-            if key not in FREE_KEYS.get(section, set()) and old.get(key) != new.get(key):
-                changed.append(f"{section}.{key} {old.get(key)!r} -> {new.get(key)!r}")
-    if changed:
+    if changed := _changes(out, config, sections):
         raise ValueError(
-            f"{states[0]}: --resume continues the training that {saved_path} describes, and this config "
-            f"changes it ({'; '.join(changed)}); resume with the run's own config (no --config), or "
-            "train afresh without --resume"
+            f"{states[0]}: --resume continues the training that {out / 'config.yaml'} describes, and "
+            f"these settings change it ({'; '.join(changed)}); resume with the run's own settings (no "
+            "--config or --epochs), or train afresh without --resume"
         )
     return True
+
+
+def interrupted(out: Path, config: Config, sections: Sequence[str]) -> bool:
+    """Whether ``out`` holds a training that stopped before its end under this same config."""
+    states = resume_states(out)
+    if not states or _changes(out, config, sections):
+        return False
+    epochs = getattr(config, sections[0]).epochs
+    for path in states:
+        state = load_state(path)
+        if not state["stopped"] and int(state["epoch"]) + 1 < epochs:
+            return True
+    return not (out / "checkpoint.pt").is_file()  # an ensemble killed after its last member

@@ -68,6 +68,7 @@ __all__ = [
     "slice_dice",
     "slice_params",
 ]
+TRAINING_SECTIONS = ("segment", "data")  # the config sections that say what a run trains (train.resume)
 
 
 @dataclass
@@ -247,7 +248,7 @@ def run_train_segment(config: Config, resume: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     from pipeline.evaluate.segmentation import OUTPUTS as EVALUATION  # evaluate imports this module
 
-    resume = resume and check_resume(out, config, ("segment", "data"))
+    resume = resume and check_resume(out, config, TRAINING_SECTIONS)
     save_config(config, out / "config.yaml")
     with atomic_path(out / "splits.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         csv.writer(fh).writerows([("case_id", "split"), *((c.case_id, c.split) for c in cases)])
