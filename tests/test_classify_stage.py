@@ -188,6 +188,9 @@ def test_a_fold_ensembles_balance_report_keeps_the_ratio(trained, tmp_path):
     )
     out = run_train_classify(config, progress=False)
     assert json.loads((out / "balance.json").read_text())["after_per_epoch"] == {"0": 12, "1": 8}
+    single = config.model_copy(update={"classify": config.classify.model_copy(update={"folds": 1})})
+    run_train_classify(single, progress=False)  # afresh: nothing of the ensemble is left to mistake
+    assert not list(out.glob("fold*")) and not (out / "oof_predictions.csv").exists()
 
 
 def test_a_train_split_of_one_class_is_refused(trained, tmp_path):

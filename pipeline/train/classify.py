@@ -456,9 +456,11 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
 
     resume = resume and check_resume(out, config, TRAINING_SECTIONS)
     if distributed.is_main():
-        if not resume:  # an earlier ensemble's members, of any fold count, must not be resumed later
+        if not resume:  # nothing of an earlier ensemble may be resumed or evaluated as this run's
             for member in (d for d in out.glob("fold*") if d.is_dir()):
                 shutil.rmtree(member)
+            for name in ("checkpoint.pt", "checkpoint.json", "oof_predictions.csv"):
+                (out / name).unlink(missing_ok=True)
         save_config(config, out / "config.yaml")
     meta = {
         "task": "classify",
