@@ -20,6 +20,7 @@ from pipeline import __version__
 from pipeline.allocator import keep_freed_memory
 from pipeline.batch import Ledger
 from pipeline.config import Config, load_config
+from pipeline.folder_lock import FolderInUse
 from pipeline.io import VolumeError
 from pipeline.manifest import ManifestError
 
@@ -348,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_output_folders(args)
         return args.handler(args)
     except (
+        FolderInUse,
         ManifestError,
         VolumeError,
         ValidationError,

@@ -38,6 +38,7 @@ from sklearn.metrics import (
 
 from pipeline.config import Config
 from pipeline.evaluate.bootstrap import bootstrap_ci
+from pipeline.folder_lock import folder_lock
 from pipeline.io import atomic_path, float_text, write_json
 from pipeline.models import load_classifier, model_spec
 
@@ -140,45 +141,48 @@ def run_evaluate_classify(config: Config) -> Path:
 
     cfg = config.classify
     out, prep = config.run_dir / "classify", config.run_dir / "preprocess"
-    model, meta = load_classifier(out / "checkpoint.pt", cfg.device)
-    if len(meta["classes"]) > 2:
-        raise ValueError("evaluate classify supports two classes (thresholded metrics)")
-    key = model_spec(meta["model"]).input
-    val, test = load_split(prep, "val", key), load_split(prep, "test", key)
-    _, excluded = split_rows(prep, "test")
-    if excluded:
-        print(
-            f"warning: {prep / 'ledger.csv'}: {len(excluded)} test case(s) failed preprocessing and are "
-            f"left out of the metrics: {', '.join(excluded)}",
-            file=sys.stderr,
-        )
-    val_scores = predict_proba(model, val.inputs, device=cfg.device)[:, 1]
-    test_scores = predict_proba(model, test.inputs, device=cfg.device)[:, 1]
-    labels, scores = threshold_cases(out, meta, val.labels, val_scores, cfg.threshold_on)
-    threshold = choose_threshold(labels, scores, cfg.threshold)
-    metrics = {
-        "classes": meta["classes"],
-        "positive_class": meta["classes"][1],  # what sensitivity, precision and AUC are of
-        "confusion_matrix_layout": "rows: true class, columns: predicted class, each in classes order "
-        "([[TN, FP], [FN, TP]])",
-        "checkpoint_epoch": meta.get("epoch"),
-        "threshold_method": cfg.threshold,
-        "threshold_cases": {"val": len(val.labels), "out_of_fold": len(labels) - len(val.labels)},
-        "n_boot": cfg.n_boot,
-        "val": {"n": len(val.labels), **binary_metrics(val.labels, val_scores, threshold)},
-        "test": {
-            "n": len(test.labels),
-            "positives": int(test.labels.sum()),
-            "excluded": excluded,  # failed preprocessing (the ledger says why)
-            "at_val_threshold": metrics_with_ci(test.labels, test_scores, threshold, cfg.n_boot, cfg.seed),
-            "at_0.5": metrics_with_ci(test.labels, test_scores, 0.5, cfg.n_boot, cfg.seed),
-        },
-    }
-    metrics_file, predictions_file = OUTPUTS
-    write_json(out / metrics_file, metrics)
-    with atomic_path(out / predictions_file) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["case_id", "label", "probability", "prediction"])
-        for cid, label, score in zip(test.case_ids, test.labels, test_scores, strict=True):
-            writer.writerow([cid, int(label), float_text(score), int(score >= threshold)])
-    return out / metrics_file
+    with folder_lock(out), folder_lock(prep, shared=True):
+        model, meta = load_classifier(out / "checkpoint.pt", cfg.device)
+        if len(meta["classes"]) > 2:
+            raise ValueError("evaluate classify supports two classes (thresholded metrics)")
+        key = model_spec(meta["model"]).input
+        val, test = load_split(prep, "val", key), load_split(prep, "test", key)
+        _, excluded = split_rows(prep, "test")
+        if excluded:
+            print(
+                f"warning: {prep / 'ledger.csv'}: {len(excluded)} test case(s) failed preprocessing and are "
+                f"left out of the metrics: {', '.join(excluded)}",
+                file=sys.stderr,
+            )
+        val_scores = predict_proba(model, val.inputs, device=cfg.device)[:, 1]
+        test_scores = predict_proba(model, test.inputs, device=cfg.device)[:, 1]
+        labels, scores = threshold_cases(out, meta, val.labels, val_scores, cfg.threshold_on)
+        threshold = choose_threshold(labels, scores, cfg.threshold)
+        metrics = {
+            "classes": meta["classes"],
+            "positive_class": meta["classes"][1],  # what sensitivity, precision and AUC are of
+            "confusion_matrix_layout": "rows: true class, columns: predicted class, each in classes order "
+            "([[TN, FP], [FN, TP]])",
+            "checkpoint_epoch": meta.get("epoch"),
+            "threshold_method": cfg.threshold,
+            "threshold_cases": {"val": len(val.labels), "out_of_fold": len(labels) - len(val.labels)},
+            "n_boot": cfg.n_boot,
+            "val": {"n": len(val.labels), **binary_metrics(val.labels, val_scores, threshold)},
+            "test": {
+                "n": len(test.labels),
+                "positives": int(test.labels.sum()),
+                "excluded": excluded,  # failed preprocessing (the ledger says why)
+                "at_val_threshold": metrics_with_ci(
+                    test.labels, test_scores, threshold, cfg.n_boot, cfg.seed
+                ),
+                "at_0.5": metrics_with_ci(test.labels, test_scores, 0.5, cfg.n_boot, cfg.seed),
+            },
+        }
+        metrics_file, predictions_file = OUTPUTS
+        write_json(out / metrics_file, metrics)
+        with atomic_path(out / predictions_file) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["case_id", "label", "probability", "prediction"])
+            for cid, label, score in zip(test.case_ids, test.labels, test_scores, strict=True):
+                writer.writerow([cid, int(label), float_text(score), int(score >= threshold)])
+        return out / metrics_file

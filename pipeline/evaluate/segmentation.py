@@ -28,6 +28,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 
 from pipeline.config import Config
 from pipeline.evaluate.bootstrap import bootstrap_ci
+from pipeline.folder_lock import folder_lock
 from pipeline.infer.segment import load_segmenter, segment_volume
 from pipeline.io import atomic_path, read_volume, write_json
 from pipeline.train.segment import segment_cases
@@ -84,28 +85,29 @@ def run_evaluate_segment(config: Config, flip_tta: bool | None = None) -> Path:
     ``flip_tta`` overrides the checkpoint's test-time flip setting (``load_segmenter``).
     """
     out = config.run_dir / "segment"
-    segmenter = load_segmenter(out.resolve(), flip_tta)
-    cases = [c for c in segment_cases(config) if c.split == "test"]
-    if not cases:
-        raise ValueError("no test cases with masks to evaluate")
-    rows = []
-    for case in cases:
-        volume = read_volume(case.image, allow_2d=True, series_uid=case.series_uid)
-        truth = read_volume(case.mask, allow_2d=True).array > 0
-        pred = segment_volume(segmenter, volume) > 0
-        rows.append({"case_id": case.case_id, **case_metrics(pred, truth, volume.spacing)})
-    metrics_file, per_case_file = OUTPUTS
-    with atomic_path(out / per_case_file) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, ["case_id", *METRICS])
-        writer.writeheader()
-        writer.writerows(rows)
-    worst = sorted(rows, key=lambda r: r["dice"])[:3]
-    metrics = {
-        "split": "test",
-        "cases": len(rows),
-        "spacing_note": "HD95 uses each file's voxel spacing (1.0 mm when the source did not record it)",
-        **{name: summarise(np.array([r[name] for r in rows])) for name in METRICS},
-        "worst_dice": [{"case_id": r["case_id"], "dice": r["dice"]} for r in worst],
-    }
-    write_json(out / metrics_file, metrics)
-    return out
+    with folder_lock(out):
+        segmenter = load_segmenter(out.resolve(), flip_tta)
+        cases = [c for c in segment_cases(config) if c.split == "test"]
+        if not cases:
+            raise ValueError("no test cases with masks to evaluate")
+        rows = []
+        for case in cases:
+            volume = read_volume(case.image, allow_2d=True, series_uid=case.series_uid)
+            truth = read_volume(case.mask, allow_2d=True).array > 0
+            pred = segment_volume(segmenter, volume) > 0
+            rows.append({"case_id": case.case_id, **case_metrics(pred, truth, volume.spacing)})
+        metrics_file, per_case_file = OUTPUTS
+        with atomic_path(out / per_case_file) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, ["case_id", *METRICS])
+            writer.writeheader()
+            writer.writerows(rows)
+        worst = sorted(rows, key=lambda r: r["dice"])[:3]
+        metrics = {
+            "split": "test",
+            "cases": len(rows),
+            "spacing_note": "HD95 uses each file's voxel spacing (1.0 mm when the source did not record it)",
+            **{name: summarise(np.array([r[name] for r in rows])) for name in METRICS},
+            "worst_dice": [{"case_id": r["case_id"], "dice": r["dice"]} for r in worst],
+        }
+        write_json(out / metrics_file, metrics)
+        return out

@@ -29,6 +29,7 @@ from torch import nn
 
 from pipeline.batch import ResultTable, Row, case_signature, run_into_table
 from pipeline.config import IOConfig, PreprocessConfig
+from pipeline.folder_lock import folder_lock
 from pipeline.io import float_text, remove_stale_temps
 from pipeline.manifest import Case, input_cases
 from pipeline.models import load_classifier
@@ -94,38 +95,39 @@ def run_predict_classify(
     ``io`` overrides the checkpoint's ``io`` read options (e.g. ``volume_index`` for 4D scans).
     """
     model_dir, out = Path(model_dir).resolve(), Path(out)
-    _, meta, _ = _classifier(model_dir)  # fail early on a missing or broken checkpoint
-    if not (model_dir / "metrics.json").is_file():
-        print(
-            f"predict classify: no {model_dir / 'metrics.json'} (the classifier was not evaluated), so "
-            "predictions use the default threshold 0.5; `medpipe evaluate classify` chooses one on "
-            "validation",
-            file=sys.stderr,
+    with folder_lock(model_dir, shared=True), folder_lock(out):
+        _, meta, _ = _classifier(model_dir)  # fail early on a missing or broken checkpoint
+        if not (model_dir / "metrics.json").is_file():
+            print(
+                f"predict classify: no {model_dir / 'metrics.json'} (the classifier was not evaluated), so "
+                "predictions use the default threshold 0.5; `medpipe evaluate classify` chooses one on "
+                "validation",
+                file=sys.stderr,
+            )
+        read = IOConfig.model_validate({**meta["io"], **(io or {})})
+        remove_stale_temps(out)
+        cases = input_cases(Path(inputs), out)
+        why = mask_requirement(PreprocessConfig.model_validate(meta["preprocess"]))
+        if why and not any(c.mask for c in cases):
+            raise ValueError(
+                f"{model_dir}: the model's preprocessing needs each case's mask ({why}), and {inputs} gives "
+                "none; give --input a manifest CSV with a mask column"
+            )
+        images = {c.case_id: str(c.image) for c in cases}
+        table = ResultTable(out / "predictions.csv", PREDICTION_COLUMNS, [c.case_id for c in cases])
+        # a rerun redoes a case whose scan, mask, checkpoint or threshold changed since it was done
+        base = case_signature(
+            "classify" + read.model_dump_json(), (model_dir / "checkpoint.pt", model_dir / "metrics.json")
         )
-    read = IOConfig.model_validate({**meta["io"], **(io or {})})
-    remove_stale_temps(out)
-    cases = input_cases(Path(inputs), out)
-    why = mask_requirement(PreprocessConfig.model_validate(meta["preprocess"]))
-    if why and not any(c.mask for c in cases):
-        raise ValueError(
-            f"{model_dir}: the model's preprocessing needs each case's mask ({why}), and {inputs} gives "
-            "none; give --input a manifest CSV with a mask column"
+        run_into_table(
+            classify_case,
+            {c.case_id: (model_dir, c, read) for c in cases},
+            table,
+            lambda row: _prediction_row(row, images[row.case_id]),
+            out / "ledger.csv",
+            desc="classify",
+            workers=workers,
+            scheduler=scheduler,
+            signatures={c.case_id: case_signature(base, (c.image, c.mask)) for c in cases},
         )
-    images = {c.case_id: str(c.image) for c in cases}
-    table = ResultTable(out / "predictions.csv", PREDICTION_COLUMNS, [c.case_id for c in cases])
-    # a rerun redoes a case whose scan, mask, checkpoint or threshold changed since it was done
-    base = case_signature(
-        "classify" + read.model_dump_json(), (model_dir / "checkpoint.pt", model_dir / "metrics.json")
-    )
-    run_into_table(
-        classify_case,
-        {c.case_id: (model_dir, c, read) for c in cases},
-        table,
-        lambda row: _prediction_row(row, images[row.case_id]),
-        out / "ledger.csv",
-        desc="classify",
-        workers=workers,
-        scheduler=scheduler,
-        signatures={c.case_id: case_signature(base, (c.image, c.mask)) for c in cases},
-    )
-    return table.path
+        return table.path

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -37,6 +38,7 @@ from torch import nn
 from pipeline.batch import ResultTable, Row, case_signature, run_into_table
 from pipeline.checkpoint import load_checkpoint, read_task_sidecar
 from pipeline.config import IOConfig, SegmentConfig
+from pipeline.folder_lock import folder_lock
 from pipeline.io import Volume, read_volume, remove_stale_temps, write_like
 from pipeline.manifest import Case, input_cases
 from pipeline.models.ensemble import Ensemble
@@ -223,26 +225,30 @@ def run_predict_segment(
     for 4D scans, ``nonfinite: zero``).
     """
     model_dirs, out = _model_dirs(model_dir), Path(out)
-    segmenter = load_segmenter(model_dirs, flip_tta)  # fail early on a missing or broken checkpoint
-    read = IOConfig.model_validate({**segmenter.io.model_dump(), **(io or {})})
-    remove_stale_temps(out)
-    cases = input_cases(inputs, out)
-    table = ResultTable(out / "volumes.csv", VOLUME_COLUMNS, [c.case_id for c in cases])
-    # a rerun redoes a case whose scan, nets or settings changed since it was done
-    base = case_signature(
-        segmenter.settings.model_dump_json() + read.model_dump_json(),
-        [d / "checkpoint.pt" for d in model_dirs],
-    )
-    run_into_table(
-        predict_case,
-        {c.case_id: (model_dirs, c, out, flip_tta, read) for c in cases},
-        table,
-        _volume_row,
-        out / "ledger.csv",
-        desc="segment",
-        workers=workers,
-        scheduler=scheduler,
-        finished=lambda cid: (out / "masks" / f"{cid}.nii.gz").is_file(),
-        signatures={c.case_id: case_signature(base, (c.image,)) for c in cases},
-    )
-    return out
+    with contextlib.ExitStack() as locks:
+        for folder in model_dirs:
+            locks.enter_context(folder_lock(folder, shared=True))
+        locks.enter_context(folder_lock(out))
+        segmenter = load_segmenter(model_dirs, flip_tta)  # fail early on a missing or broken checkpoint
+        read = IOConfig.model_validate({**segmenter.io.model_dump(), **(io or {})})
+        remove_stale_temps(out)
+        cases = input_cases(inputs, out)
+        table = ResultTable(out / "volumes.csv", VOLUME_COLUMNS, [c.case_id for c in cases])
+        # a rerun redoes a case whose scan, nets or settings changed since it was done
+        base = case_signature(
+            segmenter.settings.model_dump_json() + read.model_dump_json(),
+            [d / "checkpoint.pt" for d in model_dirs],
+        )
+        run_into_table(
+            predict_case,
+            {c.case_id: (model_dirs, c, out, flip_tta, read) for c in cases},
+            table,
+            _volume_row,
+            out / "ledger.csv",
+            desc="segment",
+            workers=workers,
+            scheduler=scheduler,
+            finished=lambda cid: (out / "masks" / f"{cid}.nii.gz").is_file(),
+            signatures={c.case_id: case_signature(base, (c.image,)) for c in cases},
+        )
+        return out

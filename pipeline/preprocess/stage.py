@@ -24,6 +24,7 @@ from scipy import ndimage
 
 from pipeline.batch import Ledger, Row, Task, case_signature, run_cases
 from pipeline.config import Config, IOConfig, PreprocessConfig, save_config
+from pipeline.folder_lock import folder_lock
 from pipeline.io import Volume, VolumeError, atomic_path, read_volume, remove_stale_temps, write_json
 from pipeline.manifest import Case, CaseSet, assign_splits, discover_folder, read_manifest
 from pipeline.preprocess.cache import load_meta, save_entry, valid_entry
@@ -223,38 +224,41 @@ def run_preprocess(config: Config) -> Path:
     out = config.run_dir / "preprocess"
     cache_dir = out / "cache"
     case_set = load_cases(config)  # a manifest or folder that cannot be read leaves no run folder
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    params = {
-        "preprocess": config.preprocess.model_dump(mode="json", exclude={"workers", "scheduler"}),
-        "io": config.io.model_dump(mode="json"),
-        "classes": case_set.classes,
-    }
-    base_hash = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
-    ledger = Ledger(out / "ledger.csv")
-    tasks = []
-    for case in case_set.cases:
-        entry = cache_dir / f"{case.case_id}.npz"
-        case_hash = case_signature(base_hash, (case.image, case.mask))
-        if case.problem:
-            ledger.append(Row(case.case_id, "error", f"{case_set.source}: {case.problem}"))
-        elif valid_entry(entry, case_hash):
-            ledger.append(
-                Row(case.case_id, "skipped", "valid cache entry", output=str(entry), signature=case_hash)
-            )
-        else:
-            tasks.append(Task(case.case_id, (case, config, case_hash, entry), case_hash))
-    pcfg = config.preprocess
-    done = run_cases(_work, tasks, ledger, workers=pcfg.workers, desc="preprocess", scheduler=pcfg.scheduler)
-    order = [c.case_id for c in case_set.cases]
-    ledger.compact(order)
-    rows = ledger.rows()
-    stats = {row.case_id: row.extra["stats"] for row in done if row.status == "ok"}
-    for cid, row in rows.items():  # entries made by an earlier run: read their stats back
-        if row.status in ("ok", "skipped") and cid not in stats:
-            stats[cid] = load_meta(row.output)["stats"]
-    _write_cases(out / "cases.csv", case_set, rows, out)
-    write_json(out / "params.json", params)
-    write_json(out / "fingerprint.json", fingerprint(case_set, rows, stats))
-    save_config(config, out / "config.yaml")
-    return out
+    with folder_lock(out):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)
+        params = {
+            "preprocess": config.preprocess.model_dump(mode="json", exclude={"workers", "scheduler"}),
+            "io": config.io.model_dump(mode="json"),
+            "classes": case_set.classes,
+        }
+        base_hash = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+        ledger = Ledger(out / "ledger.csv")
+        tasks = []
+        for case in case_set.cases:
+            entry = cache_dir / f"{case.case_id}.npz"
+            case_hash = case_signature(base_hash, (case.image, case.mask))
+            if case.problem:
+                ledger.append(Row(case.case_id, "error", f"{case_set.source}: {case.problem}"))
+            elif valid_entry(entry, case_hash):
+                ledger.append(
+                    Row(case.case_id, "skipped", "valid cache entry", output=str(entry), signature=case_hash)
+                )
+            else:
+                tasks.append(Task(case.case_id, (case, config, case_hash, entry), case_hash))
+        pcfg = config.preprocess
+        done = run_cases(
+            _work, tasks, ledger, workers=pcfg.workers, desc="preprocess", scheduler=pcfg.scheduler
+        )
+        order = [c.case_id for c in case_set.cases]
+        ledger.compact(order)
+        rows = ledger.rows()
+        stats = {row.case_id: row.extra["stats"] for row in done if row.status == "ok"}
+        for cid, row in rows.items():  # entries made by an earlier run: read their stats back
+            if row.status in ("ok", "skipped") and cid not in stats:
+                stats[cid] = load_meta(row.output)["stats"]
+        _write_cases(out / "cases.csv", case_set, rows, out)
+        write_json(out / "params.json", params)
+        write_json(out / "fingerprint.json", fingerprint(case_set, rows, stats))
+        save_config(config, out / "config.yaml")
+        return out

@@ -20,6 +20,7 @@ import yaml
 
 from pipeline import __version__
 from pipeline.config import Config
+from pipeline.folder_lock import folder_lock
 from pipeline.io import atomic_path, write_json
 from pipeline.report.blocks import Figures
 from pipeline.report.classifier import classifier_section
@@ -63,26 +64,27 @@ def run_report(config: Config) -> Path:
     run = RunFolder(config.run_dir)
     if not run.root.is_dir():
         raise FileNotFoundError(f"{run.root}: no such run folder")
-    out = run.root / "report"
-    figures = Figures(out / "figures")
-    sections = [
-        summary_section(run, figures),
-        classifier_section(run, figures),
-        segmentation_section(run, figures),
-        predictions_section(run, out),
-    ]
-    for stale in figures.folder.glob("*.png"):
-        if stale.name not in figures.written:
-            stale.unlink()
-    metrics = stage_metrics(run)
-    page = render(
-        sections,
-        metrics,
-        run_name=_run_name(run, config),
-        generated=datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        run_dir=str(run.root.resolve()),
-        version=__version__,
-    )
-    write_json(out / "metrics.json", {"run": _run_name(run, config), **metrics})
-    _write(out / "index.html", page)
-    return out / "index.html"
+    with folder_lock(run.root / "report"):
+        out = run.root / "report"
+        figures = Figures(out / "figures")
+        sections = [
+            summary_section(run, figures),
+            classifier_section(run, figures),
+            segmentation_section(run, figures),
+            predictions_section(run, out),
+        ]
+        for stale in figures.folder.glob("*.png"):
+            if stale.name not in figures.written:
+                stale.unlink()
+        metrics = stage_metrics(run)
+        page = render(
+            sections,
+            metrics,
+            run_name=_run_name(run, config),
+            generated=datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+            run_dir=str(run.root.resolve()),
+            version=__version__,
+        )
+        write_json(out / "metrics.json", {"run": _run_name(run, config), **metrics})
+        _write(out / "index.html", page)
+        return out / "index.html"

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import multiprocessing
@@ -49,6 +50,7 @@ from pipeline.augment import require_whole_volume_slabs, view_augmentation, volu
 from pipeline.balance import Balancing, balance
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ClassifyConfig, Config, PreprocessConfig, save_config
+from pipeline.folder_lock import folder_lock
 from pipeline.io import atomic_path, float_text, write_json
 from pipeline.models import build_model, model_spec
 from pipeline.models.ensemble import Ensemble
@@ -422,59 +424,67 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
     cfg = config.classify.model_copy(update={"device": distributed.device_for(config.classify.device)})
     prep, out = config.run_dir / "preprocess", config.run_dir / "classify"
     params = read_params(prep)
-    out.mkdir(parents=True, exist_ok=True)
-    spec = model_spec(cfg.model)
-    train, val = load_split(prep, "train", spec.input), load_split(prep, "val", spec.input)
-    classes = (
-        params.get("classes") or config.data.classes or [str(k) for k in range(int(train.labels.max()) + 1)]
-    )
-    preprocess = (
-        PreprocessConfig.model_validate(params["preprocess"]) if "preprocess" in params else config.preprocess
-    )
-    check_models(cfg, preprocess)
-    if len(present := np.unique(train.labels)) < 2:
-        only = classes[int(present[0])] if len(present) else "no case"
-        raise ValueError(
-            f"{prep / 'cases.csv'}: the train split holds one class only ({only}, {len(train.labels)} "
-            "cases); a classifier needs cases of every class to learn from"
+    with contextlib.ExitStack() as locks:
+        if distributed.is_main():  # the other ranks of a torchrun train under rank 0's locks
+            locks.enter_context(folder_lock(out))
+            locks.enter_context(folder_lock(prep, shared=True))
+        out.mkdir(parents=True, exist_ok=True)
+        spec = model_spec(cfg.model)
+        train, val = load_split(prep, "train", spec.input), load_split(prep, "val", spec.input)
+        classes = (
+            params.get("classes")
+            or config.data.classes
+            or [str(k) for k in range(int(train.labels.max()) + 1)]
         )
-    if len(classes) > 2 and distributed.is_main():
-        counts = ", ".join(f"{name} {int(np.sum(train.labels == k))}" for k, name in enumerate(classes))
-        print(
-            f"warning: {prep / 'cases.csv'}: {len(classes)} classes (train cases: {counts}); the model "
-            "trains on them all, but evaluate classify and the report handle two classes only",
-            file=sys.stderr,
+        preprocess = (
+            PreprocessConfig.model_validate(params["preprocess"])
+            if "preprocess" in params
+            else config.preprocess
         )
-    if len(np.unique(val.labels)) < 2 and distributed.is_main():
-        print(
-            f"warning: {prep / 'cases.csv'}: the val split holds one class only ({len(val.labels)} cases), "
-            "so validation AUC is undefined and the last epoch is kept instead of the best",
-            file=sys.stderr,
-        )
-    transform = _augmentation(cfg, spec.input, preprocess)
-    from pipeline.evaluate.classification import OUTPUTS as EVALUATION  # evaluate imports this module
+        check_models(cfg, preprocess)
+        if len(present := np.unique(train.labels)) < 2:
+            only = classes[int(present[0])] if len(present) else "no case"
+            raise ValueError(
+                f"{prep / 'cases.csv'}: the train split holds one class only ({only}, {len(train.labels)} "
+                "cases); a classifier needs cases of every class to learn from"
+            )
+        if len(classes) > 2 and distributed.is_main():
+            counts = ", ".join(f"{name} {int(np.sum(train.labels == k))}" for k, name in enumerate(classes))
+            print(
+                f"warning: {prep / 'cases.csv'}: {len(classes)} classes (train cases: {counts}); the model "
+                "trains on them all, but evaluate classify and the report handle two classes only",
+                file=sys.stderr,
+            )
+        if len(np.unique(val.labels)) < 2 and distributed.is_main():
+            print(
+                f"warning: {prep / 'cases.csv'}: the val split holds one class only ({len(val.labels)} "
+                "cases), so validation AUC is undefined and the last epoch is kept instead of the best",
+                file=sys.stderr,
+            )
+        transform = _augmentation(cfg, spec.input, preprocess)
+        from pipeline.evaluate.classification import OUTPUTS as EVALUATION  # evaluate imports this module
 
-    resume = resume and check_resume(out, config, TRAINING_SECTIONS)
-    if distributed.is_main():
-        if not resume:  # nothing of an earlier ensemble may be resumed or evaluated as this run's
-            for member in (d for d in out.glob("fold*") if d.is_dir()):
-                shutil.rmtree(member)
-            for name in ("checkpoint.pt", "checkpoint.json", "oof_predictions.csv"):
-                (out / name).unlink(missing_ok=True)
-        save_config(config, out / "config.yaml")
-    meta = {
-        "task": "classify",
-        "model": cfg.model,
-        "input": spec.input,
-        "in_channels": int(train.inputs.shape[2 if spec.input == "views" else 1]),
-        "classes": classes,
-        "folds": cfg.folds,
-        "preprocess": params.get("preprocess", config.preprocess.model_dump(mode="json")),
-        "io": params.get("io", config.io.model_dump(mode="json")),
-    }
-    run = _Training(cfg, transform, meta, resume, progress, tuple(out / name for name in EVALUATION))
-    if cfg.folds == 1:
-        _fit_member(run, train, val, out)
-    else:
-        _train_folds(run, train, val, out)
-    return out
+        resume = resume and check_resume(out, config, TRAINING_SECTIONS)
+        if distributed.is_main():
+            if not resume:  # nothing of an earlier ensemble may be resumed or evaluated as this run's
+                for member in (d for d in out.glob("fold*") if d.is_dir()):
+                    shutil.rmtree(member)
+                for name in ("checkpoint.pt", "checkpoint.json", "oof_predictions.csv"):
+                    (out / name).unlink(missing_ok=True)
+            save_config(config, out / "config.yaml")
+        meta = {
+            "task": "classify",
+            "model": cfg.model,
+            "input": spec.input,
+            "in_channels": int(train.inputs.shape[2 if spec.input == "views" else 1]),
+            "classes": classes,
+            "folds": cfg.folds,
+            "preprocess": params.get("preprocess", config.preprocess.model_dump(mode="json")),
+            "io": params.get("io", config.io.model_dump(mode="json")),
+        }
+        run = _Training(cfg, transform, meta, resume, progress, tuple(out / name for name in EVALUATION))
+        if cfg.folds == 1:
+            _fit_member(run, train, val, out)
+        else:
+            _train_folds(run, train, val, out)
+        return out

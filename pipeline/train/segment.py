@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from pipeline.config import Config, Precision, SegmentConfig, save_config
+from pipeline.folder_lock import folder_lock
 from pipeline.io import atomic_path, read_volume
 from pipeline.manifest import Case
 from pipeline.models.lung_unet import build_lung_unet
@@ -245,52 +247,59 @@ def run_train_segment(config: Config, resume: bool = False) -> Path:
             raise ValueError(
                 f"{config.data.manifest}: segment training needs {split} cases; the split gives none"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    from pipeline.evaluate.segmentation import OUTPUTS as EVALUATION  # evaluate imports this module
+    with contextlib.ExitStack() as locks:
+        if distributed.is_main():  # the other ranks of a torchrun train under rank 0's lock
+            locks.enter_context(folder_lock(out))
+        out.mkdir(parents=True, exist_ok=True)
+        from pipeline.evaluate.segmentation import OUTPUTS as EVALUATION  # evaluate imports this module
 
-    resume = resume and check_resume(out, config, TRAINING_SECTIONS)
-    save_config(config, out / "config.yaml")
-    with atomic_path(out / "splits.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
-        csv.writer(fh).writerows([("case_id", "split"), *((c.case_id, c.split) for c in cases)])
-    train = load_slices(train_cases, params, cfg.slices_per_volume)
-    val = load_slices(val_cases, params, cfg.slices_per_volume)
-    dataset = _PairDataset(train, augmentation(cfg) if cfg.augment else None)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=distributed.shard(RandomSampler(dataset), dataset, cfg.seed),
-        drop_last=len(train.ids) > cfg.batch_size * distributed.world_size(),
-    )
-    seed_everything(cfg.seed)
-    model = build_lung_unet(cfg.channels, cfg.num_res_units, cfg.dropout)
-    settings = LoopSettings(
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        scheduler="cosine",
-        patience=cfg.patience,
-        monitor="dice",
-        ema_decay=cfg.ema_decay,
-        seed=cfg.seed,
-        precision=cfg.precision,
-    )
-    meta = {
-        "task": "segment",
-        "config": config.model_dump(mode="json"),
-        "slice_params": params.to_dict(),
-        "model": {"channels": list(cfg.channels), "num_res_units": cfg.num_res_units, "dropout": cfg.dropout},
-        "train_slices": len(train.ids),
-        "val_slices": len(val.ids),
-    }
-    fit(
-        model,
-        loader,
-        DiceCELoss(softmax=True),
-        _validator(val, cfg.infer_batch * 4, cfg.precision),
-        out,
-        settings,
-        meta=meta,
-        resume=resume,
-        invalidates=[out / name for name in EVALUATION],
-    )
-    return out
+        resume = resume and check_resume(out, config, TRAINING_SECTIONS)
+        save_config(config, out / "config.yaml")
+        with atomic_path(out / "splits.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerows([("case_id", "split"), *((c.case_id, c.split) for c in cases)])
+        train = load_slices(train_cases, params, cfg.slices_per_volume)
+        val = load_slices(val_cases, params, cfg.slices_per_volume)
+        dataset = _PairDataset(train, augmentation(cfg) if cfg.augment else None)
+        loader = DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            sampler=distributed.shard(RandomSampler(dataset), dataset, cfg.seed),
+            drop_last=len(train.ids) > cfg.batch_size * distributed.world_size(),
+        )
+        seed_everything(cfg.seed)
+        model = build_lung_unet(cfg.channels, cfg.num_res_units, cfg.dropout)
+        settings = LoopSettings(
+            epochs=cfg.epochs,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            scheduler="cosine",
+            patience=cfg.patience,
+            monitor="dice",
+            ema_decay=cfg.ema_decay,
+            seed=cfg.seed,
+            precision=cfg.precision,
+        )
+        meta = {
+            "task": "segment",
+            "config": config.model_dump(mode="json"),
+            "slice_params": params.to_dict(),
+            "model": {
+                "channels": list(cfg.channels),
+                "num_res_units": cfg.num_res_units,
+                "dropout": cfg.dropout,
+            },
+            "train_slices": len(train.ids),
+            "val_slices": len(val.ids),
+        }
+        fit(
+            model,
+            loader,
+            DiceCELoss(softmax=True),
+            _validator(val, cfg.infer_batch * 4, cfg.precision),
+            out,
+            settings,
+            meta=meta,
+            resume=resume,
+            invalidates=[out / name for name in EVALUATION],
+        )
+        return out
