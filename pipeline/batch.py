@@ -9,7 +9,9 @@ case ran with (``case_signature``), so a rerun redoes a case whose file, model o
 the version of a library it runs on) changed. Rows
 are appended and flushed as cases finish, so a killed run loses at most the cases in flight; at the
 end the ledger is rewritten with exactly one row per case. An exception in one case becomes that
-case's error row; the batch goes on.
+case's error row; the batch goes on, except where the output storage itself fails (full, over
+quota, read-only: ``STORAGE_ERRNOS``): that would fail every case after it, so the batch stops,
+keeping the rows of the cases that finished, and the error goes to the caller.
 
 The case function runs in the worker and must write its own outputs atomically; the parent process
 is the only writer of the ledger.
@@ -21,7 +23,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import functools
 import hashlib
 import math
@@ -50,8 +54,15 @@ __all__ = [
     "code_digest",
     "run_cases",
     "run_into_table",
+    "storage_failure",
 ]
 LIBRARIES = ("numpy", "scipy", "SimpleITK", "nibabel", "monai", "torch")
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def storage_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the output storage cannot be written (not one case's fault)."""
+    return isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS
 
 
 @dataclass
@@ -207,7 +218,9 @@ def _guarded(fn: Callable[[Any], Row], task: Task) -> Row:
     start = time.perf_counter()
     try:
         row = fn(task.payload)
-    except Exception as exc:  # one bad case must not stop the batch
+    except Exception as exc:  # one bad case must not stop the batch; a full disk must
+        if storage_failure(exc):
+            raise
         reason = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
         return Row(task.case_id, "error", reason, time.perf_counter() - start)
     row.seconds = row.seconds or time.perf_counter() - start
@@ -265,12 +278,13 @@ def run_cases(
             try:
                 for future in as_completed(futures):
                     finish(_pool_row(future, futures[future]))
-            except KeyboardInterrupt:  # the queued cases are dropped, the ones in flight finish and count
+            except BaseException:  # Ctrl-C, a full disk: the queue is dropped, the cases in flight count
                 pool.shutdown(wait=True, cancel_futures=True)
                 recorded = {r.case_id for r in rows}
                 for future, task in futures.items():
                     if future.done() and not future.cancelled() and task.case_id not in recorded:
-                        finish(_pool_row(future, task))
+                        with contextlib.suppress(OSError):  # the ledger may be what cannot be written
+                            finish(_pool_row(future, task))
                 raise
     return rows
 
@@ -280,6 +294,8 @@ def _pool_row(future: Future, task: Task) -> Row:
     try:
         return future.result()
     except Exception as exc:
+        if storage_failure(exc):
+            raise
         return Row(task.case_id, "error", f"worker failed: {type(exc).__name__}: {exc}")
 
 
@@ -303,16 +319,24 @@ def run_into_table(
     row is in the table, its ledger signature equals ``signatures[case_id]`` (the same input files,
     model and options) and ``finished(case_id)`` (for example: its output file exists). Finished
     cases get a ``skipped`` ledger row; the others are run, and a changed one replaces its old row.
+    The cases of an earlier run into the same table that ``payloads`` does not name keep their rows
+    (``skipped`` in the ledger), first, as their outputs stay beside the new ones.
     """
     signatures = signatures or {}
     ledger = Ledger(ledger_path)
     before = ledger.rows()
+    resumed = table.resume(ledger)
     done = {
         cid
-        for cid in table.resume(ledger)
-        if before[cid].signature == signatures.get(cid, "") and (finished is None or finished(cid))
+        for cid in resumed
+        if cid in payloads
+        and before[cid].signature == signatures.get(cid, "")
+        and (finished is None or finished(cid))
     }
-    table.rows = {cid: row for cid, row in table.rows.items() if cid in done}
+    # an earlier run's cases that this input does not name keep their rows, as their outputs stay
+    kept = [cid for cid in [*table.rows, *before] if cid not in payloads]
+    table.order = [*dict.fromkeys(kept), *table.order]
+    table.rows = {cid: row for cid, row in table.rows.items() if cid in done or cid not in payloads}
     tasks = [
         Task(cid, payload, signatures.get(cid, "")) for cid, payload in payloads.items() if cid not in done
     ]
@@ -323,11 +347,17 @@ def run_into_table(
     try:
         run_cases(fn, tasks, ledger, workers=workers, desc=desc, on_row=record, scheduler=scheduler)
     finally:  # an interrupted run keeps every row it finished, so a rerun redoes only the rest
-        skipped = {
-            cid: Row(cid, "skipped", "done by an earlier run", 0.0, before[cid].output, before[cid].signature)
-            for cid in done
+
+        def skipped(cid: str, reason: str) -> Row:
+            return Row(cid, "skipped", reason, 0.0, before[cid].output, before[cid].signature)
+
+        replace = {cid: skipped(cid, "done by an earlier run") for cid in done}
+        replace |= {
+            cid: skipped(cid, "not in this input: kept from an earlier one")
+            for cid in kept
+            if cid in before and before[cid].status != "error"
         }
-        ledger.compact(table.order, replace=skipped)
+        ledger.compact(table.order, replace=replace)
         table.write()
 
 
@@ -355,5 +385,8 @@ def _run_on_dask(
             try:
                 row = future.result()
             except Exception as exc:  # KilledWorker, a restart's CancelledError, a lost connection
+                if storage_failure(exc):
+                    client.cancel(list(futures))
+                    raise
                 row = Row(task.case_id, "error", f"worker failed: {type(exc).__name__}: {exc}")
             finish(row)

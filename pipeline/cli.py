@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from pipeline import __version__
 from pipeline.allocator import keep_freed_memory
-from pipeline.batch import Ledger
+from pipeline.batch import Ledger, storage_failure
 from pipeline.config import Config, load_config
 from pipeline.folder_lock import FolderInUse
 from pipeline.io import VolumeError
@@ -28,6 +28,7 @@ __all__ = ["main"]
 
 TASKS = ("classify", "segment")
 BATCH_FAILED = 1  # exit code of preprocess/predict when no case succeeded; 2 is a usage/input error
+STORAGE_FAILED = 3  # the output folder could not be written: full, over quota or read-only
 
 
 def _config(args: argparse.Namespace, **overrides: object) -> Config:
@@ -361,6 +362,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as exc:
         print(f"medpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if not storage_failure(exc):
+            raise
+        print(
+            f"medpipe {args.command}: error: {exc}; what finished is recorded: free space (or make the "
+            "folder writable) and rerun the same command to go on",
+            file=sys.stderr,
+        )
+        return STORAGE_FAILED
     except KeyboardInterrupt:
         again = (
             "rerun with --resume to continue"

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -376,6 +377,7 @@ def _file_mode() -> int:
 
 
 FILE_MODE = _file_mode()
+TEMP_MARK = ".medpipe-tmp"  # in every temporary name, so a cleanup cannot take a case's own file
 
 
 @contextlib.contextmanager
@@ -389,7 +391,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    # a name near the file system's 255-byte limit gets a short hashed stem, or the temporary one
+    # (about 30 bytes longer) could not be created where the final one can
+    stem = path.name if len(path.name.encode()) <= 200 else hashlib.sha1(path.name.encode()).hexdigest()
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f"{TEMP_MARK}{suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -431,7 +436,8 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
     Call it when a stage starts on its output folder, before any worker writes there.
     Returns how many were removed.
     """
-    stale = [p for p in Path(folder).rglob(".*.tmp*") if p.is_file()] if Path(folder).is_dir() else []
+    folder = Path(folder)
+    stale = [p for p in folder.rglob(f".*{TEMP_MARK}*") if p.is_file()] if folder.is_dir() else []
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -280,8 +281,42 @@ def _separate_clashes(cases: list[Case], root: Path) -> list[Case]:
             continue
         others = ", ".join(str(p) for p in clash if p != case.image)
         problem = f"{case.image}: {others} gives the same case id {case.case_id!r}; rename one of them"
-        out.append(Case("__".join(case.image.relative_to(root).parts), case.image, problem=problem))
+        out.append(Case(case.image.relative_to(root).as_posix(), case.image, problem=problem))
     return out
+
+
+def _folders(root: Path) -> list[Path]:
+    """``root`` and the folders below it, then those behind symbolic links in it, each real folder
+    once and hidden ones (``.snapshot``, ``.git``) left out: a scan reached twice would be two
+    cases, perhaps in two splits."""
+    seen: set[str] = set()
+    found: list[Path] = []
+
+    def walk(top: Path, follow: bool) -> list[Path]:
+        links = []
+        for directory, subdirs, _ in os.walk(top, followlinks=follow):
+            real = os.path.realpath(directory)
+            if real in seen:  # a loop, or a second way in
+                subdirs[:] = []
+                continue
+            seen.add(real)
+            found.append(Path(directory))
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            links += [
+                Path(directory, d) for d in subdirs if not follow and os.path.islink(Path(directory, d))
+            ]
+        return links
+
+    for link in walk(root, follow=False):
+        walk(link, follow=True)
+    return sorted(found)
+
+
+def _file_case_id(path: Path, root: Path) -> str:
+    """A file's case id: its path below ``root`` joined by ``__``, less an image suffix."""
+    parts = path.relative_to(root).parts
+    stem = _image_stem(path)
+    return "__".join([*parts[:-1], stem] if stem is not None else parts)
 
 
 def discover_folder(folder: str | Path) -> CaseSet:
@@ -296,13 +331,15 @@ def discover_folder(folder: str | Path) -> CaseSet:
     if not root.is_dir():
         raise ManifestError(root, ["input folder not found"])
     cases: list[Case] = []
-    for directory in sorted([root, *(p for p in root.rglob("*") if p.is_dir())]):
+    for directory in _folders(root):
         leftovers = []
-        for path in sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")):
-            stem = _image_stem(path)
-            if stem is not None:
-                prefix = "__".join(path.parent.relative_to(root).parts)
-                cases.append(Case(f"{prefix}__{stem}" if prefix else stem, path))
+        entries = sorted(p for p in directory.iterdir() if not p.name.startswith("."))
+        for path in (p for p in entries if p.is_symlink() and not p.exists()):
+            problem = f"{path}: a broken symbolic link (its target {os.readlink(path)} is gone)"
+            cases.append(Case(_file_case_id(path, root), path, problem=problem))
+        for path in (p for p in entries if p.is_file()):
+            if _image_stem(path) is not None:
+                cases.append(Case(_file_case_id(path, root), path))
             elif path.suffix.lower() not in SIDE_FILES:
                 leftovers.append(path)
         if not leftovers:
@@ -316,8 +353,8 @@ def discover_folder(folder: str | Path) -> CaseSet:
         }
         for path in leftovers:
             if path.resolve() not in in_series:
-                cid = "__".join(path.relative_to(root).parts)
-                cases.append(Case(cid, path, problem=f"{path}: not a recognised image file or DICOM series"))
+                problem = f"{path}: not a recognised image file or DICOM series"
+                cases.append(Case(_file_case_id(path, root), path, problem=problem))
     cases = _separate_clashes(cases, root)
     counts = Counter(c.case_id for c in cases)
     duplicated = sorted(cid for cid, n in counts.items() if n > 1)

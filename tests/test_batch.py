@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import filecmp
 import multiprocessing
 import os
@@ -199,3 +200,79 @@ def test_code_digest_covers_the_package_source_and_library_versions(tmp_path, mo
         assert batch.code_digest() != digest
     finally:
         batch.code_digest.cache_clear()
+
+
+def fill_the_disk_at_three(payload: tuple[str, int]) -> Row:
+    """A case function: case 3 finds the output disk full."""
+    folder, n = payload
+    if n == 3:
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(folder) / "case3.nii.gz"))
+    time.sleep(0.05)
+    return Row(f"case{n}", "ok")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_full_disk_stops_the_batch_and_keeps_the_finished_rows(tmp_path, workers):
+    ledger = Ledger(tmp_path / "ledger.csv")
+    tasks = [Task(f"case{n}", (str(tmp_path), n)) for n in range(40)]
+    with pytest.raises(OSError) as info:
+        run_cases(fill_the_disk_at_three, tasks, ledger, workers=workers)
+    assert info.value.errno == errno.ENOSPC
+    rows = ledger.rows()
+    assert {"case0", "case1", "case2"} <= set(rows) and len(rows) < 12  # the queue was dropped
+    assert all(r.status == "ok" for r in rows.values())
+
+
+def test_the_cli_names_a_full_disk_and_exits_3(tmp_path, capsys, monkeypatch):
+    from pipeline import cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ledger.csv"))
+
+    monkeypatch.setattr(cli, "cmd_preprocess", full)
+    assert cli.main(["preprocess", "--input", str(tmp_path), "--run", str(tmp_path / "run")]) == 3
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "rerun the same command to go on" in err
+
+
+def test_stale_temporaries_go_and_a_case_named_like_one_stays(tmp_path):
+    from pipeline.io import atomic_path, remove_stale_temps
+
+    kept = tmp_path / ".night.tmp2.nii.gz"  # a case's own output, however odd its id
+    kept.write_bytes(b"mask")
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "masks" / "a.nii.gz") as tmp:
+        tmp.write_bytes(b"half")
+        leftover = tmp.with_name(tmp.name + ".copy")  # what a killed writer would leave behind
+        leftover.write_bytes(b"half")
+        raise RuntimeError
+    assert remove_stale_temps(tmp_path) == 1 and not leftover.exists() and kept.is_file()
+
+
+def test_a_name_near_the_length_limit_is_written_atomically(tmp_path):
+    from pipeline.io import atomic_path
+
+    path = tmp_path / ("L" * 240 + ".nii.gz")  # 247 bytes: fits, though its temporary name would not
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(b"mask")
+    assert path.read_bytes() == b"mask" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_second_input_into_the_same_table_keeps_the_first_inputs_rows(tmp_path):
+    from pipeline.batch import run_into_table
+
+    def run(ids: list[str]) -> list[str]:
+        table = ResultTable(tmp_path / "results.csv", ("case_id", "value"), ids)
+        payloads = {cid: int(cid[4:]) for cid in ids}
+        run_into_table(
+            square_or_fail, payloads, table, lambda r: {"value": r.output}, tmp_path / "ledger.csv", desc="t"
+        )
+        return (tmp_path / "results.csv").read_text().splitlines()
+
+    assert run(["case1", "case2"]) == ["case_id,value", "case1,1", "case2,4"]
+    assert run(["case4"]) == ["case_id,value", "case1,1", "case2,4", "case4,16"]
+    ledger = Ledger(tmp_path / "ledger.csv").rows()
+    assert [(cid, r.status) for cid, r in ledger.items()] == [
+        ("case1", "skipped"),
+        ("case2", "skipped"),
+        ("case4", "ok"),
+    ]

@@ -471,6 +471,32 @@ def test_discover_folder_turns_colliding_case_ids_into_error_cases(tmp_path, mak
     assert cases["x.nii.gz"].problem == f"{second}: {first} gives the same case id 'x'; rename one of them"
 
 
+def test_a_clash_between_a_subfolder_and_a_joined_name_leaves_the_folder_usable(tmp_path, make_ct):
+    root = tmp_path / "scans"
+    for name in ("sub/x.nii.gz", "sub__x.nii.gz", "y.nii.gz"):
+        make_ct(root / name)
+    cases = by_id(discover_folder(root))
+    assert set(cases) == {"sub/x.nii.gz", "sub__x.nii.gz", "y"} and cases["y"].problem is None
+    assert "gives the same case id 'sub__x'" in cases["sub/x.nii.gz"].problem
+
+
+def test_discover_folder_reads_each_real_folder_once_skips_hidden_ones_and_names_broken_links(
+    tmp_path, make_ct
+):
+    root = tmp_path / "scans"
+    make_ct(root / "real" / "inner" / "a.nii.gz")
+    make_ct(root / ".snapshot" / "real" / "inner" / "a.nii.gz")  # storage snapshots of the same scans
+    make_ct(tmp_path / "elsewhere" / "b.nii.gz")
+    (root / "link_to_real").symlink_to(root / "real")  # the same scans a second way
+    (root / "linked").symlink_to(tmp_path / "elsewhere")  # scans kept outside the tree
+    (root / "gone.nii.gz").symlink_to(tmp_path / "deleted.nii.gz")
+    cases = by_id(discover_folder(root))
+    assert set(cases) == {"real__inner__a", "linked__b", "gone"}
+    assert cases["gone"].problem == f"{root / 'gone.nii.gz'}: a broken symbolic link (its target " + (
+        f"{tmp_path / 'deleted.nii.gz'} is gone)"
+    )
+
+
 def test_prediction_inputs_name_their_manifest_and_refuse_a_missing_path(data, tmp_path):
     from pipeline.manifest import input_cases
 
