@@ -90,7 +90,7 @@ class ViewsConfig(Section):
     # partial-volume rim as a bright outline around each lung.
     mask_margin_mm: float = Field(0.0, ge=0)
     # For binary shape masks (intensity mode minmax; the shape is where the scaled image is >= 0.5):
-    # also cut each view from the shape's distance map (each voxel's distance to the surface in mm,
+    # also cut each view from the shape's distance map (each voxel's distance to the surface in mm / 10,
     # pipeline.preprocess.intensity.surface_distance), as a second slab of the same slices after the
     # image's. A gland's thickness becomes a value the CNN reads, instead of a width it must measure.
     distance: bool = False

@@ -92,3 +92,37 @@ def test_distance_views_follow_the_image_views(tmp_path):
     image, distance = views[:, :3], views[:, 3:] * DISTANCE_SCALE_MM
     assert np.array_equal(distance > 0, image > 0.5)  # the same slices, the same voxels
     assert distance[0, 1].max() == pytest.approx(5 * 2.0 - 1.0, abs=0.5)  # radius 5 voxels of 2 mm
+
+
+def test_surface_distance_takes_half_the_voxel_it_steps_across_on_an_anisotropic_grid():
+    """A 10 mm slab across the coarse axis of a 0.5 x 0.5 x 2 mm grid: its core lies 5 mm from
+    the surface, its outer voxels 1 mm (half the finest voxel would give 5.75 and 1.75)."""
+    slab = np.zeros((12, 12, 9), bool)
+    slab[..., 2:7] = True  # 5 voxels of 2 mm, the whole plane
+    mm = surface_distance(slab, np.array([0.5, 0.5, 2.0])) * DISTANCE_SCALE_MM
+    assert mm[6, 6, 4] == pytest.approx(5.0) and mm[6, 6, 2] == pytest.approx(1.0)
+
+
+def test_a_soft_tissue_window_does_not_make_the_padding_foreground(tmp_path):
+    """The fill outside the scan is air, not the bottom of the window: under [-160, 240] it used to
+    count as body (-160 > -500 HU), so the foreground fraction and percentiles described padding."""
+    from pipeline.config import PreprocessConfig
+    from pipeline.io import read_volume, save_nifti
+    from pipeline.preprocess.stage import preprocess_volume
+
+    ct = np.full((20, 20, 20), -1000, np.int16)
+    ct[6:14, 6:14, 6:14] = 50
+    volume = read_volume(save_nifti(tmp_path / "ct.nii.gz", ct, np.eye(4)))
+    fractions = []
+    for window in ((-1024.0, 600.0), (-160.0, 240.0)):
+        cfg = PreprocessConfig(
+            spacing=(1.0, 1.0, 1.0),
+            shape=(40, 40, 40),  # the scan's 20^3 padded: seven eighths lie outside it
+            fit="pad",
+            crop_foreground=False,
+            intensity={"mode": "ct", "window": window},
+        )
+        arrays, stats = preprocess_volume(volume, None, cfg)
+        fractions.append(stats["foreground_fraction"])
+        assert arrays["views"].min() == 0.0  # the padding still shows as the window's bottom
+    assert fractions[1] == pytest.approx(fractions[0], abs=0.002) and fractions[0] < 0.01

@@ -66,3 +66,39 @@ def test_mask_margin_drops_the_partial_volume_rim(tmp_path, margin_mm):
     # the face i = 4, j in 4..19 is drawn in column 35, rows 20..35; the blob inside stays
     assert axial[20:36, 35].max() == (0.0 if margin_mm else 50.0)
     assert axial[28:32, 28:32].max() == 100.0
+
+
+def test_a_slab_near_an_edge_or_deeper_than_the_volume_keeps_distinct_slices():
+    """Axial channels of a volume whose value is its k index: every slice a slab promises."""
+    from pipeline.preprocess.views import center_index, extract_views
+
+    ramp = np.broadcast_to(np.arange(28, dtype=np.float32), (8, 8, 28)).copy()
+    deep = {"center": (4, 4, 3), "thickness": 30}  # off-centre, deeper than the volume
+    assert extract_views(ramp, mode="max", **deep)[0, 0, 14, 14] == 27
+    assert extract_views(ramp, mode="mean", **deep)[0, 0, 14, 14] == pytest.approx(13.5)
+    edge = extract_views(ramp, center=(4, 4, 1), mode="slab", thickness=5)[0, :, 14, 14]
+    assert edge.tolist() == [0, 1, 2, 3, 4]  # shifted inwards, not the edge slice twice
+    cube = np.broadcast_to(np.arange(30, dtype=np.float32), (30, 30, 30)).copy()
+    whole = extract_views(cube, center=center_index(cube.shape), mode="slab", thickness=30)
+    assert whole[0, :, 15, 15].tolist() == list(range(30))
+    assert center_index((30, 28, 22)) == (15, 14, 11)  # halves round up whatever the parity
+
+
+def test_mask_labels_beyond_255_keep_their_values(tmp_path):
+    from pipeline.preprocess.stage import preprocess_volume
+
+    mask = np.zeros((20, 20, 20), np.uint16)
+    mask[2:6, 2:6, 2:6], mask[12:18, 12:18, 12:18] = 256, 300  # an atlas's labels
+    affine = np.eye(4)
+    image = read_volume(save_nifti(tmp_path / "img.nii.gz", np.zeros(mask.shape, np.float32), affine))
+    labels = read_volume(save_nifti(tmp_path / "mask.nii.gz", mask, affine))
+    cfg = PreprocessConfig(
+        spacing=(1.0, 1.0, 1.0),
+        shape=(20, 20, 20),
+        fit="pad",
+        crop_foreground=False,
+        intensity={"mode": "none"},
+        views={"mode": "max", "thickness": 100},
+    )
+    arrays, _ = preprocess_volume(image, labels, cfg)
+    assert set(np.unique(arrays["mask_views"]).tolist()) == {0, 256, 300}

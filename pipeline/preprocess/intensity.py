@@ -25,6 +25,8 @@ __all__ = [
 
 # Air/body boundary in HU: well above air (-1000) and lung (-850), below fat (-100).
 CT_BODY_HU = -500.0
+# What a CT scanner writes for air (and many for the padding outside the field of view).
+CT_AIR_HU = -1024.0
 # Distances to a shape's surface are divided by this, so a gland's limb (a few mm thick) maps to
 # about 0.1-1, the range of the image channels.
 DISTANCE_SCALE_MM = 10.0
@@ -39,8 +41,10 @@ def foreground_threshold(cfg: IntensityConfig, configured: float | None, array: 
 
 
 def background_value(cfg: IntensityConfig, array: np.ndarray) -> float:
-    """The raw value used to fill voxels outside the scan: the bottom of the CT window, else the minimum."""
-    return cfg.window[0] if cfg.mode == "ct" else float(array.min())
+    """The raw value used to fill voxels outside the scan: air (or the bottom of a CT window below
+    it), which the window maps to 0 like any value under it and which is not foreground at -500 HU
+    even under a soft-tissue window; else the minimum."""
+    return min(cfg.window[0], CT_AIR_HU) if cfg.mode == "ct" else float(array.min())
 
 
 def normalize(array: np.ndarray, cfg: IntensityConfig, foreground: np.ndarray | None = None) -> np.ndarray:
@@ -80,14 +84,23 @@ def surface_distance(foreground: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     """Each foreground voxel's distance to the shape's surface in units of ``DISTANCE_SCALE_MM``.
 
     The Euclidean distance (in mm, on a grid of ``spacing`` mm) from the voxel centre to the nearest
-    background voxel centre, less half a voxel so that it measures to the boundary between them;
-    0 outside the shape. Its maximum over a structure is half the structure's thickness.
+    background voxel centre, less half a voxel along the main axis of that step, so that it measures
+    to the boundary between them; 0 outside the shape. Its maximum over a structure is half the
+    structure's thickness, on an anisotropic grid too.
 
     Example:
         >>> slab = np.zeros((1, 1, 9), bool); slab[..., 2:7] = True   # 5 voxels of 2 mm thick
         >>> (surface_distance(slab, np.array([2.0, 2.0, 2.0])) * DISTANCE_SCALE_MM)[0, 0, 2:7]
         array([1., 3., 5., 3., 1.], dtype=float32)
     """
-    distance = ndimage.distance_transform_edt(foreground, sampling=[float(s) for s in spacing])
-    half_voxel = 0.5 * float(np.min(spacing))
+    sampling = np.asarray(spacing, dtype=float)
+    if np.allclose(sampling, sampling[0]):
+        distance = ndimage.distance_transform_edt(foreground, sampling=sampling.tolist())
+        half_voxel: float | np.ndarray = 0.5 * float(sampling[0])
+    else:  # the half voxel depends on the direction of the nearest background voxel
+        distance, nearest = ndimage.distance_transform_edt(
+            foreground, sampling=sampling.tolist(), return_indices=True
+        )
+        step = np.abs(nearest - np.indices(foreground.shape)) * sampling[:, None, None, None]
+        half_voxel = 0.5 * sampling[np.argmax(step, axis=0)]
     return (np.clip(distance - half_voxel, 0, None) / DISTANCE_SCALE_MM).astype(np.float32)

@@ -72,6 +72,16 @@ def mask_requirement(cfg: PreprocessConfig) -> str | None:
     return "views.within_mask is set" if cfg.views.within_mask else None
 
 
+def _labels(resampled: np.ndarray, path: Path) -> np.ndarray:
+    """A resampled mask as the smallest unsigned integer type that holds its labels (uint8 for
+    most; an atlas's labels in the thousands keep theirs instead of wrapping round)."""
+    low, top = float(resampled.min()), float(resampled.max())
+    if low < 0 or top >= 2**32:
+        raise VolumeError(path, f"mask labels {low:g}..{top:g} are outside 0..{2**32 - 1}")
+    dtype = np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.uint32
+    return resampled.astype(dtype)
+
+
 def preprocess_volume(
     volume: Volume, mask: Volume | None, cfg: PreprocessConfig
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -92,7 +102,7 @@ def preprocess_volume(
     scaled = normalize(raw, cfg.intensity, foreground)
     shape_mask = scaled >= 0.5 if cfg.views.distance else None  # a binary shape's half level
     image = smooth(scaled, cfg.intensity.smooth_mm, grid.spacing)
-    labels = resample(mask.image, grid, linear=False, fill=0).astype(np.uint8) if mask is not None else None
+    labels = None if mask is None else _labels(resample(mask.image, grid, linear=False, fill=0), mask.path)
 
     vcfg = cfg.views
     if vcfg.center == "point" and vcfg.point is not None:

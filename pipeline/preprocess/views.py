@@ -13,8 +13,10 @@ towards R/A/S) is therefore displayed as ``P[::-1, ::-1].T``. Views of unequal s
 centred, to a common square. A one-slice input (a 2D image) gives the axial view only, (1, C, H, W).
 
 C depends on ``mode``: ``slice`` 1; ``slab`` ``thickness`` adjacent slices; ``mean``/``max`` a
-projection over a slab of ``thickness`` slices (a thickness beyond the volume projects through all
-of it); ``projections`` 3 channels: the centre slice, and the mean and max through the whole volume.
+projection over a slab of ``thickness`` slices; ``projections`` 3 channels: the centre slice, and
+the mean and max through the whole volume. A slab is centred on the cut where the volume allows and
+shifted inwards near an edge, so it always holds ``thickness`` distinct slices; a thickness beyond
+the volume takes all of it (a ``slab`` then repeats its edge slices to fill its channels).
 
 Example:
     >>> import numpy as np
@@ -65,20 +67,20 @@ def center_index(
         idx = np.argwhere(mask > 0).mean(axis=0)
     else:
         idx = (dims - 1) / 2
-    return tuple(int(v) for v in np.clip(np.rint(idx), 0, dims - 1))  # type: ignore[return-value]
+    # halves round up, whatever the parity (np.rint's half-to-even moved the centre of some sizes)
+    return tuple(int(v) for v in np.clip(np.floor(idx + 0.5), 0, dims - 1))  # type: ignore[return-value]
 
 
 def _channels(volume: np.ndarray, axis: int, at: int, mode: str, thickness: int) -> np.ndarray:
     """The (C, a, b) stack cut across ``axis`` at index ``at``."""
     moved = np.moveaxis(volume, axis, 0)
     depth = moved.shape[0]
-    half = thickness // 2
-    slab = moved[max(0, at - half) : min(depth, at - half + thickness)]
+    start = min(max(0, at - thickness // 2), max(0, depth - thickness))  # inside the volume
+    slab = moved[start : start + thickness]
     if mode == "slice":
         return moved[at : at + 1]
     if mode == "slab":
-        idx = np.clip(np.arange(at - half, at - half + thickness), 0, depth - 1)
-        return moved[idx]
+        return moved[np.clip(np.arange(start, start + thickness), 0, depth - 1)]
     if mode == "mean":
         return slab.mean(axis=0, keepdims=True)
     if mode == "max":
