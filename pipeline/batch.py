@@ -32,6 +32,7 @@ import math
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -111,17 +112,22 @@ def code_digest() -> str:
 
 
 def case_signature(base: str, paths: Iterable[Path | None]) -> str:
-    """A short hash of ``base`` (the run's parameters), ``code_digest`` and the size and mtime of
-    each input path; a folder (a DICOM series) counts by the files in it, which can be rewritten
-    without touching it."""
-    parts = [base, code_digest()]
+    """``HEAD-TAIL``: a short hash of ``base`` (the run's parameters) and ``code_digest``, then one
+    of the size and mtime of each input path; a folder (a DICOM series) counts by the files in it,
+    which can be rewritten without touching it. Cases of one run share the head."""
+    head = hashlib.sha256(f"{base}|{code_digest()}".encode()).hexdigest()[:10]
+    parts = []
     for path in paths:
         if path is None or not path.exists():
             continue
         for file in sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]:
             st = file.stat()
             parts.append(f"{file}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    return f"{head}-{hashlib.sha256('|'.join(parts).encode()).hexdigest()[:10]}"
+
+
+def _signature_head(signature: str) -> str:
+    return signature.partition("-")[0]
 
 
 class Ledger:
@@ -333,10 +339,19 @@ def run_into_table(
         and before[cid].signature == signatures.get(cid, "")
         and (finished is None or finished(cid))
     }
-    # an earlier run's cases that this input does not name keep their rows, as their outputs stay
-    kept = [cid for cid in [*table.rows, *before] if cid not in payloads]
-    table.order = [*dict.fromkeys(kept), *table.order]
-    table.rows = {cid: row for cid, row in table.rows.items() if cid in done or cid not in payloads}
+    # an earlier run's cases that this input does not name keep their rows, as their outputs stay,
+    # if that run had the same model, options and code (the signatures' head); else they go
+    heads = {_signature_head(signatures.get(cid, "")) for cid in payloads}
+    earlier = [cid for cid in dict.fromkeys([*table.rows, *before]) if cid not in payloads]
+    kept = [cid for cid in earlier if cid in before and _signature_head(before[cid].signature) in heads]
+    if dropped := [cid for cid in earlier if cid not in kept]:
+        print(
+            f"warning: {table.path}: {len(dropped)} case(s) of an earlier run with another model, "
+            f"options or medpipe version left out of the table (e.g. {dropped[0]}); their outputs stay",
+            file=sys.stderr,
+        )
+    table.order = [*kept, *table.order]
+    table.rows = {cid: row for cid, row in table.rows.items() if cid in done or cid in kept}
     tasks = [
         Task(cid, payload, signatures.get(cid, "")) for cid, payload in payloads.items() if cid not in done
     ]

@@ -13,7 +13,9 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,9 @@ __all__ = [
     "sidecar_path",
     "versions",
 ]
+
+
+LOW_SPACE = 64 * 2**20  # bytes free below which a failed write is taken for a full disk
 
 
 def versions() -> dict[str, str]:
@@ -63,9 +68,15 @@ def read_task_sidecar(path: str | Path, task: str) -> dict[str, Any]:
 
 
 def save_state(path: str | Path, state: Mapping[str, Any]) -> Path:
-    """Write a mapping of tensors, numbers, strings and containers of them atomically."""
+    """Write a mapping of tensors, numbers, strings and containers of them atomically. A write that
+    a full disk cut short is an ENOSPC OSError (torch reports it as an opaque RuntimeError)."""
     with atomic_path(path) as tmp:
-        torch.save(dict(state), tmp)
+        try:
+            torch.save(dict(state), tmp)
+        except RuntimeError as exc:
+            if shutil.disk_usage(tmp.parent).free < LOW_SPACE:
+                raise OSError(errno.ENOSPC, f"No space left on device writing {path} ({exc})") from exc
+            raise
     return Path(path)
 
 

@@ -366,8 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not storage_failure(exc):
             raise
         print(
-            f"medpipe {args.command}: error: {exc}; what finished is recorded: free space (or make the "
-            "folder writable) and rerun the same command to go on",
+            f"medpipe {args.command}: error: {exc}; any case that finished is recorded: free space (or "
+            "make the folder writable) and rerun the same command to go on",
             file=sys.stderr,
         )
         return STORAGE_FAILED

@@ -31,21 +31,24 @@ class FolderInUse(RuntimeError):
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, *, shared: bool = False) -> Iterator[None]:
-    """Hold an exclusive (or ``shared``) lock on ``folder`` for the block; an exclusive lock
-    creates the folder. Raise FolderInUse at once if another process holds a conflicting one."""
+def folder_lock(folder: str | os.PathLike, *, shared: bool = False, create: bool = True) -> Iterator[None]:
+    """Hold an exclusive (or ``shared``) lock on ``folder`` for the block. An exclusive lock
+    creates the folder unless ``create`` is False (a stage that needs it to exist says so itself).
+    Raise FolderInUse at once if another process holds a conflicting lock. Where the file system
+    cannot lock (an NFS mount without lockd), warn and go on unlocked."""
     folder = Path(folder)
-    if shared and not folder.is_dir():
-        yield  # nothing there to guard; the reader names the missing folder itself
-        return
-    folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():
+        if shared or not create:
+            yield  # nothing there to guard; the stage names the missing folder itself
+            return
+        folder.mkdir(parents=True)
     path = folder / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock_file(path)
     except OSError:
         if not shared:
-            raise
-        yield
+            raise  # a folder this stage cannot write: its own error (read-only, permission)
+        yield  # a read-only model folder: nobody can write there either
         return
     try:
         try:
@@ -55,8 +58,23 @@ def folder_lock(folder: str | os.PathLike, *, shared: bool = False) -> Iterator[
             raise FolderInUse(
                 f"{folder}: in use by {holder}; wait for it to finish, or use another folder"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"medpipe pid {os.getpid()} ({' '.join(sys.argv[1:])[:200]})".encode())
+        except OSError as exc:
+            print(f"warning: {folder}: cannot lock it ({exc.strerror}); going on unlocked", file=sys.stderr)
+        else:
+            with contextlib.suppress(OSError):  # a read-only descriptor keeps the old holder's text
+                os.ftruncate(fd, 0)
+                os.write(fd, f"medpipe pid {os.getpid()} ({' '.join(sys.argv[1:])[:200]})".encode())
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _open_lock_file(path: Path) -> int:
+    """A descriptor of the lock file, created if need be; read-only where another user's lock file
+    in a group-shared folder cannot be opened for writing (flock needs no write access)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        if not path.is_file():
+            raise
+        return os.open(path, os.O_RDONLY)

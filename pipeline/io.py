@@ -273,8 +273,15 @@ def _execute(path: Path, header: Header, volume_index: int | None) -> sitk.Image
 
 def _set_nifti_geometry(image: sitk.Image, path: Path) -> None:
     """Give a 2D NIfTI slice, joined into one slice of 3D, the header's whole affine: ITK reads the
-    plane alone, so its slab thickness (pixdim[3]) and position along the third axis would be lost."""
-    affine = nib.load(path).affine
+    plane alone, so its slab thickness (pixdim[3]) and position along the third axis would be lost.
+    Without a qform or sform (both codes 0) ITK's own plane stays, and only the thickness is set."""
+    header = nib.load(path).header
+    if not (header["sform_code"] > 0 or header["qform_code"] > 0):
+        thickness = float(header["pixdim"][3])
+        if np.isfinite(thickness) and thickness > 0:
+            image.SetSpacing((*image.GetSpacing()[:2], thickness))
+        return
+    affine = header.get_best_affine()
     axes = LPS_TO_RAS @ affine[:3, :3]  # the flip is its own inverse: RAS+ -> ITK's LPS
     spacing = np.linalg.norm(axes, axis=0)
     image.SetSpacing(spacing.tolist())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -141,9 +142,11 @@ MISSING_LABELS = frozenset({"nan", "na", "n/a", "#n/a", "null"})
 
 def _label_text(value: str) -> str:
     """A label cell as a class name: a missing-value marker becomes "", an integral float such as
-    "1.0" (a label column exported with missing values) becomes "1"."""
+    "1.0" (a label column exported with missing values) becomes "1", and "+1" becomes "1"."""
     if value.lower() in MISSING_LABELS:
         return ""
+    if value.startswith("+") and value[1:].isdigit():  # "+1" beside "-1"
+        value = value[1:]
     whole, dot, zeros = value.partition(".")
     if dot and whole.lstrip("-").isdigit() and zeros.strip("0") == "":
         return whole
@@ -206,13 +209,16 @@ def read_manifest(path: str | Path, classes: list[str] | None = None, allow_outs
     for row, _ in rows:
         if "label" in row:
             row["label"] = _label_text(row["label"])
-    paths = [(line, r["label"]) for r, line in rows if _image_stem(Path(r.get("label") or "x")) is not None]
-    if paths:
-        line, label = paths[0]
-        raise ManifestError(
-            path,
-            [f"line {line}: label {label!r} is a file name ({len(paths)} such); masks go in the mask column"],
+    paths = [(r, line) for r, line in rows if _image_stem(Path(r.get("label") or "x")) is not None]
+    if paths:  # a label map put in the label column: no class to learn, and no reason to stop
+        row, line = paths[0]
+        print(
+            f"warning: {path}: line {line}: label {row['label']!r} is a file name ({len(paths)} such), "
+            "read as no label; a mask goes in the mask column",
+            file=sys.stderr,
         )
+        for row, _ in paths:
+            row["label"] = ""
     names = _class_names([r["label"] for r, _ in rows if r.get("label")], classes)
     cases = []
     for row, line in rows:
@@ -282,6 +288,24 @@ def _separate_clashes(cases: list[Case], root: Path) -> list[Case]:
         others = ", ".join(str(p) for p in clash if p != case.image)
         problem = f"{case.image}: {others} gives the same case id {case.case_id!r}; rename one of them"
         out.append(Case(case.image.relative_to(root).as_posix(), case.image, problem=problem))
+    return out
+
+
+def _separate_repeats(cases: list[Case]) -> list[Case]:
+    """A file reached a second way (a symbolic link to a scan already found) becomes an error case
+    naming the path kept (the file's own where the tree holds it, else the first link): as two
+    cases, one scan could sit in two splits."""
+    real = {id(c): c.image.resolve() for c in cases if c.problem is None and c.image.is_file()}
+    kept: dict[Path, Path] = {}
+    for case in cases:
+        if id(case) in real and (real[id(case)] not in kept or case.image == real[id(case)]):
+            kept[real[id(case)]] = case.image
+    out = []
+    for case in cases:
+        first = kept.get(real[id(case)]) if id(case) in real else None
+        if first is not None and first != case.image:
+            case = replace(case, problem=f"{case.image}: the same file as {first}; read once, as that")
+        out.append(case)
     return out
 
 
@@ -355,7 +379,7 @@ def discover_folder(folder: str | Path) -> CaseSet:
             if path.resolve() not in in_series:
                 problem = f"{path}: not a recognised image file or DICOM series"
                 cases.append(Case(_file_case_id(path, root), path, problem=problem))
-    cases = _separate_clashes(cases, root)
+    cases = _separate_clashes(_separate_repeats(cases), root)
     counts = Counter(c.case_id for c in cases)
     duplicated = sorted(cid for cid, n in counts.items() if n > 1)
     if duplicated:

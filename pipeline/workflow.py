@@ -35,9 +35,10 @@ def _preprocess(config: Config) -> None:
 
 def _classify(config: Config) -> None:
     from pipeline.evaluate.classification import run_evaluate_classify
-    from pipeline.train.classify import TRAINING_SECTIONS, run_train_classify
+    from pipeline.train.classify import TRAINING_SECTIONS, cache_inputs, run_train_classify
 
-    run_train_classify(config, resume=interrupted(config.run_dir / "classify", config, TRAINING_SECTIONS))
+    out = config.run_dir / "classify"
+    run_train_classify(config, resume=interrupted(out, config, TRAINING_SECTIONS, cache_inputs(config)))
     run_evaluate_classify(config)
 
 
@@ -45,7 +46,7 @@ def _segment(config: Config) -> None:
     from pipeline.evaluate.segmentation import run_evaluate_segment
     from pipeline.train.segment import TRAINING_SECTIONS, run_train_segment
 
-    run_train_segment(config, resume=interrupted(config.run_dir / "segment", config, TRAINING_SECTIONS))
+    run_train_segment(config, resume=interrupted(config.run_dir / "segment", config, TRAINING_SECTIONS, {}))
     run_evaluate_segment(config)
 
 

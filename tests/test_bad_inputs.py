@@ -315,6 +315,19 @@ def test_a_two_d_nifti_keeps_its_slab_thickness_and_position(tmp_path):
     np.testing.assert_array_equal(flat.array, slab.array)
 
 
+def test_a_two_d_nifti_without_qform_or_sform_keeps_itks_plane_and_its_thickness(tmp_path):
+    data = np.arange(12 * 10, dtype=np.int16).reshape(12, 10)
+    paths = []
+    for name, array in (("flat", data), ("slab", data[:, :, None])):
+        nib.save(nib.Nifti1Image(array, np.diag([0.7, 0.7, 5.0, 1.0])), tmp_path / f"src_{name}.nii")
+        paths.append(
+            _patch_nifti(tmp_path / f"src_{name}.nii", tmp_path / f"{name}.nii", qform_code=0, sform_code=0)
+        )
+    flat, slab = (read_volume(path, allow_2d=True) for path in paths)
+    np.testing.assert_allclose(flat.affine, slab.affine, atol=1e-6)
+    assert flat.spacing[2] == pytest.approx(5.0)
+
+
 @pytest.mark.parametrize(("axis", "plane"), [(1, "coronal"), (0, "sagittal")])
 def test_a_single_slice_that_is_not_axial_is_refused(tmp_path, axis, plane):
     shape = [12, 10, 8]

@@ -276,3 +276,27 @@ def test_a_second_input_into_the_same_table_keeps_the_first_inputs_rows(tmp_path
         ("case2", "skipped"),
         ("case4", "ok"),
     ]
+
+
+def test_a_second_input_from_another_model_does_not_keep_the_first_models_rows(tmp_path, capsys):
+    from pipeline.batch import case_signature, run_into_table
+
+    def run(ids: list[str], model: str) -> list[str]:
+        table = ResultTable(tmp_path / "results.csv", ("case_id", "value"), ids)
+        payloads = {cid: int(cid[4:]) for cid in ids}
+        signatures = {cid: case_signature(model, []) for cid in ids}
+        run_into_table(
+            square_or_fail,
+            payloads,
+            table,
+            lambda r: {"value": r.output},
+            tmp_path / "ledger.csv",
+            desc="t",
+            signatures=signatures,
+        )
+        return (tmp_path / "results.csv").read_text().splitlines()
+
+    run(["case1", "case2"], "model A")
+    assert run(["case4"], "model A") == ["case_id,value", "case1,1", "case2,4", "case4,16"]
+    assert run(["case5"], "model B") == ["case_id,value", "case5,25"]
+    assert "3 case(s) of an earlier run with another model" in capsys.readouterr().err

@@ -68,3 +68,22 @@ def test_another_tasks_checkpoint_is_named_not_crashed_on(tmp_path):
         FileNotFoundError, match=rf"{tmp_path}: a run folder; give --model {tmp_path / 'segment'}$"
     ):
         load_segmenter(tmp_path)  # the run folder instead of RUN/segment
+
+
+def test_a_write_cut_short_by_a_full_disk_is_an_enospc_error(tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from pipeline import checkpoint
+
+    def cut_short(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoint.torch, "save", cut_short)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 0))
+    with pytest.raises(OSError) as info:
+        checkpoint.save_state(tmp_path / "last_state.pt", {"epoch": 1})
+    assert info.value.errno == errno.ENOSPC and "last_state.pt" in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # no half-written file left

@@ -233,6 +233,12 @@ def test_resume_under_a_config_that_trains_another_model_is_refused(trained, tmp
     assert "classify.epochs 2 -> 5" in capsys.readouterr().err
     assert (out / "config.yaml").read_text() == saved  # the run can still be resumed as it was
     assert (out / "metrics.json").is_file()
+    params_path = tmp_path / "run" / "preprocess" / "params.json"
+    params = json.loads(params_path.read_text())
+    params_path.write_text(json.dumps({**params, "preprocess": {**params["preprocess"], "margin_mm": 9.0}}))
+    assert main(command) == 2  # preprocessed again under other settings since training began
+    assert "the preprocess settings of its input, since classify began" in capsys.readouterr().err
+    params_path.write_text(json.dumps(params))
     assert main(command) == 0
 
 
@@ -259,6 +265,13 @@ def test_medpipe_run_continues_a_training_it_interrupted(trained, tmp_path, monk
     after = history.read_text().splitlines()
     assert len(before) == 2 and len(after) == 4 and after[:2] == before  # epoch 0 kept, 1-2 added
     assert (tmp_path / "run" / "classify" / "metrics.json").is_file()
+
+
+def test_predict_into_the_model_folder_itself_is_not_refused_by_its_own_lock(trained, tmp_path):
+    shutil.copytree(trained[2], tmp_path / "classify")
+    image = trained[1] / "data" / "images" / "c00.nii.gz"
+    path = run_predict_classify(tmp_path / "classify", image, tmp_path / "classify")
+    assert next(csv.DictReader(path.open()))["status"] == "ok"
 
 
 def test_ctrl_c_in_training_says_to_resume(monkeypatch, tmp_path, capsys):

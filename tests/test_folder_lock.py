@@ -77,3 +77,22 @@ def test_preprocess_into_a_run_another_process_is_writing_is_refused(tmp_path, c
         holder.wait()
     assert f"{tmp_path / 'run' / 'preprocess'}: in use by medpipe pid {holder.pid}" in capsys.readouterr().err
     assert not (tmp_path / "run" / "preprocess" / "cache").exists()
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with folder_lock(tmp_path / "out"):
+        pass
+    assert "cannot lock it (No locks available); going on unlocked" in capsys.readouterr().err
+
+
+def test_an_exclusive_lock_that_may_not_create_leaves_no_folder(tmp_path):
+    with folder_lock(tmp_path / "run" / "classify", create=False):
+        pass
+    assert not (tmp_path / "run").exists()

@@ -490,8 +490,12 @@ def test_discover_folder_reads_each_real_folder_once_skips_hidden_ones_and_names
     (root / "link_to_real").symlink_to(root / "real")  # the same scans a second way
     (root / "linked").symlink_to(tmp_path / "elsewhere")  # scans kept outside the tree
     (root / "gone.nii.gz").symlink_to(tmp_path / "deleted.nii.gz")
+    (root / "alias.nii.gz").symlink_to(root / "real" / "inner" / "a.nii.gz")  # a file's second way in
     cases = by_id(discover_folder(root))
-    assert set(cases) == {"real__inner__a", "linked__b", "gone"}
+    assert set(cases) == {"real__inner__a", "linked__b", "gone", "alias"}
+    assert cases["real__inner__a"].problem is None
+    scan = root / "real" / "inner" / "a.nii.gz"
+    assert cases["alias"].problem == f"{root / 'alias.nii.gz'}: the same file as {scan}; read once, as that"
     assert cases["gone"].problem == f"{root / 'gone.nii.gz'}: a broken symbolic link (its target " + (
         f"{tmp_path / 'deleted.nii.gz'} is gone)"
     )
@@ -563,7 +567,16 @@ def test_a_stray_label_among_integers_is_that_rows_error_not_a_class(data):
     assert case_set.problems == ["c: line 4: label '0.5' is not one of the classes ['0', '1']"]
 
 
-def test_file_names_in_the_label_column_are_refused(data):
+def test_file_names_in_the_label_column_are_read_as_no_label_with_a_warning(data, capsys):
     text = "case_id,image,label\na,images/a.nii.gz,masks/a.nii.gz\nb,images/b.nii.gz,masks/b.nii.gz\n"
-    with pytest.raises(ManifestError, match=r"line 2: label 'masks/a\.nii\.gz' is a file name \(2 such\)"):
-        read_manifest(write_manifest(data, text))
+    case_set = read_manifest(write_manifest(data, text))
+    assert [c.label for c in case_set.cases] == [None, None] and case_set.problems == []
+    assert (
+        "line 2: label 'masks/a.nii.gz' is a file name (2 such), read as no label" in capsys.readouterr().err
+    )
+
+
+def test_plus_and_minus_one_labels_are_two_integer_classes(data):
+    text = "case_id,image,label\na,images/a.nii.gz,-1\nb,images/b.nii.gz,+1\nc,images/c.nii.gz,-1\n"
+    case_set = read_manifest(write_manifest(data, text))
+    assert case_set.classes == ["-1", "1"] and [c.label for c in case_set.cases] == [0, 1, 0]

@@ -141,7 +141,7 @@ def run_evaluate_classify(config: Config) -> Path:
 
     cfg = config.classify
     out, prep = config.run_dir / "classify", config.run_dir / "preprocess"
-    with folder_lock(out), folder_lock(prep, shared=True):
+    with folder_lock(out, create=False), folder_lock(prep, shared=True):
         model, meta = load_classifier(out / "checkpoint.pt", cfg.device)
         if len(meta["classes"]) > 2:
             raise ValueError("evaluate classify supports two classes (thresholded metrics)")

@@ -85,7 +85,7 @@ def run_evaluate_segment(config: Config, flip_tta: bool | None = None) -> Path:
     ``flip_tta`` overrides the checkpoint's test-time flip setting (``load_segmenter``).
     """
     out = config.run_dir / "segment"
-    with folder_lock(out):
+    with folder_lock(out, create=False):
         segmenter = load_segmenter(out.resolve(), flip_tta)
         cases = [c for c in segment_cases(config) if c.split == "test"]
         if not cases:

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -95,7 +96,10 @@ def run_predict_classify(
     ``io`` overrides the checkpoint's ``io`` read options (e.g. ``volume_index`` for 4D scans).
     """
     model_dir, out = Path(model_dir).resolve(), Path(out)
-    with folder_lock(model_dir, shared=True), folder_lock(out):
+    model_lock = (
+        folder_lock(model_dir, shared=True) if out.resolve() != model_dir else contextlib.nullcontext()
+    )
+    with model_lock, folder_lock(out):  # --out as the model folder: its exclusive lock covers both
         _, meta, _ = _classifier(model_dir)  # fail early on a missing or broken checkpoint
         if not (model_dir / "metrics.json").is_file():
             print(

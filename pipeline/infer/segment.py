@@ -227,7 +227,8 @@ def run_predict_segment(
     model_dirs, out = _model_dirs(model_dir), Path(out)
     with contextlib.ExitStack() as locks:
         for folder in model_dirs:
-            locks.enter_context(folder_lock(folder, shared=True))
+            if folder != out.resolve():  # --out as a model folder: the exclusive lock covers it
+                locks.enter_context(folder_lock(folder, shared=True))
         locks.enter_context(folder_lock(out))
         segmenter = load_segmenter(model_dirs, flip_tta)  # fail early on a missing or broken checkpoint
         read = IOConfig.model_validate({**segmenter.io.model_dump(), **(io or {})})

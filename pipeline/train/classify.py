@@ -62,6 +62,7 @@ from pipeline.train.resume import check_resume
 __all__ = [
     "CaseArrays",
     "CaseDataset",
+    "cache_inputs",
     "check_models",
     "fold_indices",
     "load_split",
@@ -130,6 +131,16 @@ def read_params(prep_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; run `medpipe preprocess` on this run first")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def cache_inputs(config: Config) -> dict[str, Any]:
+    """The preprocessing and read settings of the run's cache, as a checkpoint records them (and a
+    resumed training must find them)."""
+    params = read_params(config.run_dir / "preprocess")
+    return {
+        "preprocess": params.get("preprocess", config.preprocess.model_dump(mode="json")),
+        "io": params.get("io", config.io.model_dump(mode="json")),
+    }
 
 
 def split_rows(prep_dir: Path, split: str) -> tuple[list[dict[str, str]], list[str]]:
@@ -464,12 +475,18 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
         transform = _augmentation(cfg, spec.input, preprocess)
         from pipeline.evaluate.classification import OUTPUTS as EVALUATION  # evaluate imports this module
 
-        resume = resume and check_resume(out, config, TRAINING_SECTIONS)
+        resume = resume and check_resume(out, config, TRAINING_SECTIONS, cache_inputs(config))
         if distributed.is_main():
             if not resume:  # nothing of an earlier ensemble may be resumed or evaluated as this run's
                 for member in (d for d in out.glob("fold*") if d.is_dir()):
                     shutil.rmtree(member)
-                for name in ("checkpoint.pt", "checkpoint.json", "oof_predictions.csv"):
+                for name in (
+                    "checkpoint.pt",
+                    "checkpoint.json",
+                    "oof_predictions.csv",
+                    "history.csv",
+                    "balance.json",
+                ):
                     (out / name).unlink(missing_ok=True)
             save_config(config, out / "config.yaml")
         meta = {
@@ -479,8 +496,7 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
             "in_channels": int(train.inputs.shape[2 if spec.input == "views" else 1]),
             "classes": classes,
             "folds": cfg.folds,
-            "preprocess": params.get("preprocess", config.preprocess.model_dump(mode="json")),
-            "io": params.get("io", config.io.model_dump(mode="json")),
+            **cache_inputs(config),
         }
         run = _Training(cfg, transform, meta, resume, progress, tuple(out / name for name in EVALUATION))
         if cfg.folds == 1:

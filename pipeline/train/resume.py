@@ -3,9 +3,10 @@
 The resume state (``last_state.pt``, or one per fold of an ensemble) holds weights, optimizer and
 schedule, not the config; the run's ``config.yaml`` says what they were trained with. Resuming under
 a config that trains something else would load mismatched weights (a traceback) or, worse, mix two
-settings into one model, so every training key must match. The epoch count is one: the cosine
-schedule is laid out for it. The keys below only steer evaluation, inference or the machine, and
-may change.
+settings into one model, so every training key must match, and so must what the training reads
+(the classifier's cache: re-preprocessed under another window, it would train one model on two).
+The epoch count is a training key: the cosine schedule is laid out for it. The keys below only
+steer evaluation, inference or the machine, and may change.
 
 ``train --resume`` asks ``check_resume``, which refuses a changed config. ``medpipe run`` asks
 ``interrupted``, which continues a training that stopped before its end under the same config and
@@ -14,13 +15,15 @@ otherwise lets it start afresh, so rerunning the command after Ctrl-C resumes it
 
 from __future__ import annotations
 
+import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from pipeline.checkpoint import load_state
+from pipeline.checkpoint import load_state, sidecar_path
 from pipeline.config import Config
 
 __all__ = ["check_resume", "interrupted", "resume_states"]
@@ -36,29 +39,36 @@ def resume_states(out: Path) -> list[Path]:
     return sorted(p for p in (out / "last_state.pt", *out.glob("fold*/last_state.pt")) if p.is_file())
 
 
-def _changes(out: Path, config: Config, sections: Sequence[str]) -> list[str]:
-    """Each training key of ``sections`` whose value differs from the run's saved ``config.yaml``."""
-    saved_path = out / "config.yaml"
-    if not saved_path.is_file():
-        return []
-    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+def _changes(out: Path, config: Config, sections: Sequence[str], inputs: Mapping[str, Any]) -> list[str]:
+    """Each training key of ``sections`` whose value differs from the run's saved ``config.yaml``,
+    and each of ``inputs`` (what the training reads, e.g. the cache's preprocessing) that differs
+    from what the interrupted members' checkpoints say they were trained on."""
     changed = []
-    for section in sections:
+    saved_path = out / "config.yaml"
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {} if saved_path.is_file() else {}
+    for section in sections if saved else ():
         old, new = saved.get(section) or {}, getattr(config, section).model_dump(mode="json")
         for key in sorted(set(old) | set(new)):
             if key not in FREE_KEYS.get(section, set()) and old.get(key) != new.get(key):
                 changed.append(f"{section}.{key} {old.get(key)!r} -> {new.get(key)!r}")
-    return changed
+    for sidecar in {sidecar_path(state.parent / "checkpoint.pt") for state in resume_states(out)}:
+        trained_on = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
+        changed += [
+            f"the {key} settings of its input, since {sidecar.parent.name} began"
+            for key, value in inputs.items()
+            if key in trained_on and trained_on[key] != value
+        ]
+    return list(dict.fromkeys(changed))
 
 
-def check_resume(out: Path, config: Config, sections: Sequence[str]) -> bool:
+def check_resume(out: Path, config: Config, sections: Sequence[str], inputs: Mapping[str, Any]) -> bool:
     """Whether ``out`` holds a state to resume; raise ValueError naming each training key of
-    ``sections`` whose value differs from the run's saved ``config.yaml``."""
+    ``sections`` (or input setting) that differs from what the saved state was trained with."""
     states = resume_states(out)
     if not states:
         print(f"note: {out}: no interrupted training to resume; training from scratch", file=sys.stderr)
         return False
-    if changed := _changes(out, config, sections):
+    if changed := _changes(out, config, sections, inputs):
         raise ValueError(
             f"{states[0]}: --resume continues the training that {out / 'config.yaml'} describes, and "
             f"these settings change it ({'; '.join(changed)}); resume with the run's own settings (no "
@@ -67,10 +77,10 @@ def check_resume(out: Path, config: Config, sections: Sequence[str]) -> bool:
     return True
 
 
-def interrupted(out: Path, config: Config, sections: Sequence[str]) -> bool:
+def interrupted(out: Path, config: Config, sections: Sequence[str], inputs: Mapping[str, Any]) -> bool:
     """Whether ``out`` holds a training that stopped before its end under this same config."""
     states = resume_states(out)
-    if not states or _changes(out, config, sections):
+    if not states or _changes(out, config, sections, inputs):
         return False
     epochs = getattr(config, sections[0]).epochs
     for path in states:

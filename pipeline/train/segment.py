@@ -253,10 +253,11 @@ def run_train_segment(config: Config, resume: bool = False) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         from pipeline.evaluate.segmentation import OUTPUTS as EVALUATION  # evaluate imports this module
 
-        resume = resume and check_resume(out, config, TRAINING_SECTIONS)
-        save_config(config, out / "config.yaml")
-        with atomic_path(out / "splits.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
-            csv.writer(fh).writerows([("case_id", "split"), *((c.case_id, c.split) for c in cases)])
+        resume = resume and check_resume(out, config, TRAINING_SECTIONS, {})
+        if distributed.is_main():
+            save_config(config, out / "config.yaml")
+            with atomic_path(out / "splits.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+                csv.writer(fh).writerows([("case_id", "split"), *((c.case_id, c.split) for c in cases)])
         train = load_slices(train_cases, params, cfg.slices_per_volume)
         val = load_slices(val_cases, params, cfg.slices_per_volume)
         dataset = _PairDataset(train, augmentation(cfg) if cfg.augment else None)
