@@ -326,7 +326,9 @@ def run_into_table(
     model and options) and ``finished(case_id)`` (for example: its output file exists). Finished
     cases get a ``skipped`` ledger row; the others are run, and a changed one replaces its old row.
     The cases of an earlier run into the same table that ``payloads`` does not name keep their rows
-    (``skipped`` in the ledger), first, as their outputs stay beside the new ones.
+    (``skipped`` in the ledger), first, as their outputs stay beside the new ones, if that run had
+    the same model, options and code (their signatures' head); else they are left out, with a
+    warning.
     """
     signatures = signatures or {}
     ledger = Ledger(ledger_path)
@@ -370,7 +372,7 @@ def run_into_table(
         replace |= {
             cid: skipped(cid, "not in this input: kept from an earlier one")
             for cid in kept
-            if cid in before and before[cid].status != "error"
+            if before[cid].status != "error"
         }
         ledger.compact(table.order, replace=replace)
         table.write()
