@@ -9,7 +9,8 @@ checkpoint mid-training.
 
 The lock is ``flock`` on ``FOLDER/.medpipe.lock``: the kernel releases it when its process exits,
 however it exits, so no stale lock survives a kill. Where the lock file cannot be created (a
-read-only model folder), a shared lock is skipped: nobody can write there either.
+read-only model folder), a shared lock is skipped: nobody can write there either. Where the file
+system has no locks (an NFS mount without lockd), a warning says the stage goes on unlocked.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def folder_lock(folder: str | os.PathLike, *, shared: bool = False, create: bool
         if shared or not create:
             yield  # nothing there to guard; the stage names the missing folder itself
             return
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)  # another process may make it first
     path = folder / LOCK_NAME
     try:
         fd = _open_lock_file(path)
