@@ -274,6 +274,31 @@ def test_predict_into_the_model_folder_itself_is_not_refused_by_its_own_lock(tra
     assert next(csv.DictReader(path.open()))["status"] == "ok"
 
 
+def test_ctrl_c_stops_a_fold_ensemble_at_once(trained, tmp_path):
+    """Two fold workers, four folds: Ctrl-C in the first round must not train the queued folds."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.checkpoint import load_state
+
+    config = _beside(trained[0], tmp_path / "run", folds=4, fold_workers=2, epochs=60)
+    save_config(config, tmp_path / "folds.yaml")
+    command = [sys.executable, "-m", "pipeline", "train", "classify", "--run", str(tmp_path / "run")]
+    proc = subprocess.Popen(
+        [*command, "--config", str(tmp_path / "folds.yaml")], stderr=subprocess.PIPE, text=True
+    )
+    out = tmp_path / "run" / "classify"
+    while not (out / "fold0" / "last_state.pt").is_file() and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "rerun with --resume" in err and "Traceback" not in err
+    assert not (out / "fold2" / "last_state.pt").exists() and not (out / "fold3").exists()
+    assert int(load_state(out / "fold0" / "last_state.pt")["epoch"]) < 59
+
+
 def test_ctrl_c_in_training_says_to_resume(monkeypatch, tmp_path, capsys):
     def interrupted(args):
         raise KeyboardInterrupt

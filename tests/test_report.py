@@ -279,3 +279,11 @@ def test_report_command_reads_a_run_that_only_trained_the_lung_net(full_run, tmp
     run = partial(full_run, tmp_path / "run", ("segment",))
     assert main(["report", "--run", str(run)]) == 0
     assert (run / "report" / "index.html").is_file()
+
+
+def test_the_threshold_note_names_the_out_of_fold_scores_of_an_ensemble():
+    from pipeline.report.classifier import chosen_on
+
+    assert chosen_on({"threshold_cases": {"val": 98, "out_of_fold": 0}}) == "validation"
+    ensemble = chosen_on({"threshold_cases": {"val": 98, "out_of_fold": 1188}})
+    assert ensemble == "validation and the training cases' out-of-fold scores (98 + 1188)"

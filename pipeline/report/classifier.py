@@ -70,7 +70,7 @@ def _metrics_table(metrics: dict[str, Any]) -> list:
     test = metrics["test"]
     columns = {k: test[k] for k in ("at_val_threshold", "at_0.5") if k in test}
     header = ["metric"] + [
-        f"{'validation-chosen' if k == 'at_val_threshold' else 'default'} threshold t = {v['threshold']:.3f}"
+        f"{'chosen' if k == 'at_val_threshold' else 'default'} threshold t = {v['threshold']:.3f}"
         for k, v in columns.items()
     ]
     names = [m for m in METRIC_LABELS if any(m in v for v in columns.values())]
@@ -81,7 +81,7 @@ def _metrics_table(metrics: dict[str, Any]) -> list:
     classes = metrics.get("classes", ["negative", "positive"])
     note = (
         f"Test split: {test.get('n', '?')} cases, {test.get('positives', '?')} positive "
-        f"(positive class: {classes[-1]}). Threshold chosen on validation by "
+        f"(positive class: {classes[-1]}). Threshold chosen on {chosen_on(metrics)} by "
         f"{metrics.get('threshold_method', '?')}; values with 95% bootstrap CI ({metrics.get('n_boot', '?')} "
         "resamples)."
     )
@@ -95,6 +95,16 @@ def _metrics_table(metrics: dict[str, Any]) -> list:
             note=note,
         )
     ]
+
+
+def chosen_on(metrics: dict[str, Any]) -> str:
+    """The cases the evaluation chose its threshold on: val, and a fold ensemble's out-of-fold scores."""
+    cases = metrics.get("threshold_cases") or {}
+    if cases.get("out_of_fold"):
+        return (
+            f"validation and the training cases' out-of-fold scores ({cases['val']} + {cases['out_of_fold']})"
+        )
+    return "validation"
 
 
 def _confusion(metrics: dict[str, Any], figures: Figures) -> list:

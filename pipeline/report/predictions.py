@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from pipeline.report.blocks import Cell, Note, Section, Table, cell, guard
+from pipeline.report.classifier import chosen_on
 from pipeline.report.inputs import RunFolder
 
 __all__ = ["OUTPUTS", "predict_folders", "predictions_section"]
@@ -53,13 +54,14 @@ def _threshold_note(run: RunFolder, threshold: float, digits: int) -> str:
         if threshold == 0.5:
             return f"{shown}, the default: the classifier had not been evaluated (medpipe evaluate classify)"
         return shown
-    chosen = float(run.json("classify/metrics.json")["test"]["at_val_threshold"]["threshold"])
+    metrics = run.json("classify/metrics.json")
+    chosen = float(metrics["test"]["at_val_threshold"]["threshold"])
     if chosen != threshold:
         return (
-            f"{shown}, not the {chosen:.{digits}f} that the latest evaluation chose on validation: "
-            "rerun medpipe predict classify"
+            f"{shown}, not the {chosen:.{digits}f} that the latest evaluation chose on "
+            f"{chosen_on(metrics)}: rerun medpipe predict classify"
         )
-    return f"{shown} (chosen on validation)"
+    return f"{shown} (chosen on {chosen_on(metrics)})"
 
 
 def _table(run: RunFolder, folder: Path, report_dir: Path, rel: str) -> Table:

@@ -30,10 +30,10 @@ import csv
 import json
 import multiprocessing
 import shutil
+import signal
 import sys
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,12 +51,19 @@ from pipeline.balance import Balancing, balance
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ClassifyConfig, Config, PreprocessConfig, save_config
 from pipeline.folder_lock import folder_lock
-from pipeline.io import atomic_path, float_text, write_json
+from pipeline.io import atomic_path, float_text, remove_stale_temps, write_json
 from pipeline.models import build_model, model_spec
 from pipeline.models.ensemble import Ensemble
 from pipeline.preprocess.cache import load_entry
 from pipeline.train import distributed
-from pipeline.train.loop import FitResult, LoopSettings, fit, seed_everything, write_history
+from pipeline.train.loop import (
+    FitResult,
+    LoopSettings,
+    clear_earlier_run,
+    fit,
+    seed_everything,
+    write_history,
+)
 from pipeline.train.resume import check_resume
 
 __all__ = [
@@ -339,6 +346,33 @@ def _fit_fold(job: tuple[_Training, np.ndarray, Path]) -> tuple[nn.Module, FitRe
     return _fit_member(run, train.subset(rest), train.subset(held), out)
 
 
+def _fit_folds_in_processes(
+    jobs: list[tuple[_Training, np.ndarray, Path]], train: CaseArrays, workers: int
+) -> list[tuple[nn.Module, FitResult]]:
+    """``_fit_fold`` over ``jobs`` on ``workers`` local processes, each given the train split once.
+
+    The workers start with SIGINT ignored (an ignored signal stays ignored across their spawn), so
+    Ctrl-C is the parent's alone: it stops the folds in flight at once (each resumes from its last
+    finished epoch) and drops the queued ones, instead of training those to the end.
+    """
+    context = multiprocessing.get_context("spawn")
+    share = (train, max(1, torch.get_num_threads() // workers))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pool = context.Pool(workers, initializer=_share_split, initargs=share)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        results = pool.map(_fit_fold, jobs, chunksize=1)
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.close()
+        pool.join()
+    return results
+
+
 def _mean_history(histories: list[list[dict[str, float]]]) -> list[dict[str, float]]:
     """Per epoch, the mean of every column over the folds that ran it (``seconds`` summed)."""
     rows = []
@@ -386,12 +420,8 @@ def _train_folds(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) 
         for j, model_cfg in enumerate(models)
         for k, held in enumerate(folds)
     ]
-    if workers > 1:  # each worker gets the train split once, not once per fold job
-        context = multiprocessing.get_context("spawn")
-        share = (train, max(1, torch.get_num_threads() // workers))
-        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_share_split, initargs=share)
-        with pool:
-            results = list(pool.map(_fit_fold, jobs))
+    if workers > 1:
+        results = _fit_folds_in_processes(jobs, train, workers)
     else:
         _share_split(train, torch.get_num_threads())
         try:
@@ -477,16 +507,12 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
 
         resume = resume and check_resume(out, config, TRAINING_SECTIONS, cache_inputs(config))
         if distributed.is_main():
-            if not resume:  # nothing of an earlier ensemble may be resumed or evaluated as this run's
+            remove_stale_temps(out)  # what a killed fold worker was writing
+            if not resume:  # nothing of an earlier model or ensemble may be resumed or read as this run's
+                clear_earlier_run(out)
                 for member in (d for d in out.glob("fold*") if d.is_dir()):
                     shutil.rmtree(member)
-                for name in (
-                    "checkpoint.pt",
-                    "checkpoint.json",
-                    "oof_predictions.csv",
-                    "history.csv",
-                    "balance.json",
-                ):
+                for name in ("oof_predictions.csv", "balance.json"):
                     (out / name).unlink(missing_ok=True)
             save_config(config, out / "config.yaml")
         meta = {

@@ -67,6 +67,7 @@ from pipeline.train.precision import autocast
 __all__ = [
     "FitResult",
     "LoopSettings",
+    "clear_earlier_run",
     "fit",
     "rng_states",
     "seed_everything",
@@ -76,6 +77,7 @@ __all__ = [
 ]
 
 Validate = Callable[[nn.Module], Mapping[str, float]]
+CHECKPOINT, LAST_STATE = "checkpoint.pt", "last_state.pt"
 
 
 @dataclass
@@ -165,10 +167,11 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _clear_earlier_run(out: Path, ckpt: Path, last: Path) -> None:
+def clear_earlier_run(out: Path) -> None:
     """A fresh start's clean slate: an earlier run's best checkpoint, resume state, history and
     TensorBoard events must not survive to be taken for this run's."""
-    for stale in (ckpt, sidecar_path(ckpt), last, out / "history.csv"):
+    ckpt = out / CHECKPOINT
+    for stale in (ckpt, sidecar_path(ckpt), out / LAST_STATE, out / "history.csv"):
         stale.unlink(missing_ok=True)
     shutil.rmtree(out / "tb", ignore_errors=True)
 
@@ -278,7 +281,7 @@ def fit(
         else None
     )
     evaluated = ema.module if ema is not None else model
-    ckpt, last = out / "checkpoint.pt", out / "last_state.pt"
+    ckpt, last = out / CHECKPOINT, out / LAST_STATE
     history: list[dict[str, float]] = []
     start, best_epoch, best, stale, stopped = 0, -1, -math.inf, 0, False
 
@@ -302,7 +305,7 @@ def fit(
         )
     else:
         if main:
-            _clear_earlier_run(out, ckpt, last)
+            clear_earlier_run(out)
         seed_everything(s.seed + distributed.rank())
 
     from torch.utils.tensorboard import SummaryWriter

@@ -25,6 +25,7 @@ import yaml
 
 from pipeline.checkpoint import load_state, sidecar_path
 from pipeline.config import Config
+from pipeline.train.loop import CHECKPOINT, LAST_STATE
 
 __all__ = ["check_resume", "interrupted", "resume_states"]
 
@@ -36,7 +37,7 @@ FREE_KEYS = {
 
 def resume_states(out: Path) -> list[Path]:
     """The resume states in a task folder: its own, and those of an ensemble's fold members."""
-    return sorted(p for p in (out / "last_state.pt", *out.glob("fold*/last_state.pt")) if p.is_file())
+    return sorted(p for p in (out / LAST_STATE, *out.glob(f"fold*/{LAST_STATE}")) if p.is_file())
 
 
 def _changes(out: Path, config: Config, sections: Sequence[str], inputs: Mapping[str, Any]) -> list[str]:
@@ -51,7 +52,7 @@ def _changes(out: Path, config: Config, sections: Sequence[str], inputs: Mapping
         for key in sorted(set(old) | set(new)):
             if key not in FREE_KEYS.get(section, set()) and old.get(key) != new.get(key):
                 changed.append(f"{section}.{key} {old.get(key)!r} -> {new.get(key)!r}")
-    for sidecar in {sidecar_path(state.parent / "checkpoint.pt") for state in resume_states(out)}:
+    for sidecar in {sidecar_path(state.parent / CHECKPOINT) for state in resume_states(out)}:
         trained_on = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
         changed += [
             f"the {key} settings of its input, since {sidecar.parent.name} began"
@@ -87,4 +88,4 @@ def interrupted(out: Path, config: Config, sections: Sequence[str], inputs: Mapp
         state = load_state(path)
         if not state["stopped"] and int(state["epoch"]) + 1 < epochs:
             return True
-    return not (out / "checkpoint.pt").is_file()  # an ensemble killed after its last member
+    return not (out / CHECKPOINT).is_file()  # an ensemble killed after its last member
