@@ -25,20 +25,24 @@ def _scan_with_two_blobs(tmp_path, rim: float = 0.0):
     )
 
 
-def _axial_mip(tmp_path, rim: float = 0.0, **views) -> np.ndarray:
-    """The axial max projection (1 mm grid, no intensity change) of the two-blob scan."""
-    from pipeline.preprocess.stage import preprocess_volume
-
-    image, mask = _scan_with_two_blobs(tmp_path, rim)
-    cfg = PreprocessConfig(
+def _native_mip(side: int, **views) -> PreprocessConfig:
+    """Max projections through the whole of a ``side``^3 volume on its own 1 mm grid, unscaled."""
+    return PreprocessConfig(
         spacing=(1.0, 1.0, 1.0),
-        shape=(40, 40, 40),
+        shape=(side, side, side),
         fit="pad",
         crop_foreground=False,
         intensity={"mode": "none"},
         views={"mode": "max", "thickness": 100, **views},
     )
-    return preprocess_volume(image, mask, cfg)[0]["views"][0, 0]
+
+
+def _axial_mip(tmp_path, rim: float = 0.0, **views) -> np.ndarray:
+    """The axial max projection (1 mm grid, no intensity change) of the two-blob scan."""
+    from pipeline.preprocess.stage import preprocess_volume
+
+    image, mask = _scan_with_two_blobs(tmp_path, rim)
+    return preprocess_volume(image, mask, _native_mip(40, **views))[0]["views"][0, 0]
 
 
 @pytest.mark.parametrize("within_mask", [False, True])
@@ -92,13 +96,5 @@ def test_mask_labels_beyond_255_keep_their_values(tmp_path):
     affine = np.eye(4)
     image = read_volume(save_nifti(tmp_path / "img.nii.gz", np.zeros(mask.shape, np.float32), affine))
     labels = read_volume(save_nifti(tmp_path / "mask.nii.gz", mask, affine))
-    cfg = PreprocessConfig(
-        spacing=(1.0, 1.0, 1.0),
-        shape=(20, 20, 20),
-        fit="pad",
-        crop_foreground=False,
-        intensity={"mode": "none"},
-        views={"mode": "max", "thickness": 100},
-    )
-    arrays, _ = preprocess_volume(image, labels, cfg)
+    arrays, _ = preprocess_volume(image, labels, _native_mip(20))
     assert set(np.unique(arrays["mask_views"]).tolist()) == {0, 256, 300}
