@@ -295,18 +295,16 @@ def _separate_repeats(cases: list[Case]) -> list[Case]:
     """A file reached a second way (a symbolic link to a scan already found) becomes an error case
     naming the path kept (the file's own where the tree holds it, else the first link): as two
     cases, one scan could sit in two splits."""
-    real = {id(c): c.image.resolve() for c in cases if c.problem is None and c.image.is_file()}
+    real = {c.image: c.image.resolve() for c in cases if c.problem is None and c.image.is_file()}
     kept: dict[Path, Path] = {}
-    for case in cases:
-        if id(case) in real and (real[id(case)] not in kept or case.image == real[id(case)]):
-            kept[real[id(case)]] = case.image
-    out = []
-    for case in cases:
-        first = kept.get(real[id(case)]) if id(case) in real else None
-        if first is not None and first != case.image:
-            case = replace(case, problem=f"{case.image}: the same file as {first}; read once, as that")
-        out.append(case)
-    return out
+    for image in sorted(real, key=lambda p: real[p] != p):  # a file's own path before links to it
+        kept.setdefault(real[image], image)
+    return [
+        replace(c, problem=f"{c.image}: the same file as {kept[real[c.image]]}; read once, as that")
+        if c.image in real and kept[real[c.image]] != c.image
+        else c
+        for c in cases
+    ]
 
 
 def _folders(root: Path) -> list[Path]:

@@ -505,7 +505,8 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
         transform = _augmentation(cfg, spec.input, preprocess)
         from pipeline.evaluate.classification import OUTPUTS as EVALUATION  # evaluate imports this module
 
-        resume = resume and check_resume(out, config, TRAINING_SECTIONS, cache_inputs(config))
+        inputs = cache_inputs(config)
+        resume = resume and check_resume(out, config, TRAINING_SECTIONS, inputs)
         if distributed.is_main():
             remove_stale_temps(out)  # what a killed fold worker was writing
             if not resume:  # nothing of an earlier model or ensemble may be resumed or read as this run's
@@ -522,7 +523,7 @@ def run_train_classify(config: Config, resume: bool = False, progress: bool = Tr
             "in_channels": int(train.inputs.shape[2 if spec.input == "views" else 1]),
             "classes": classes,
             "folds": cfg.folds,
-            **cache_inputs(config),
+            **inputs,
         }
         run = _Training(cfg, transform, meta, resume, progress, tuple(out / name for name in EVALUATION))
         if cfg.folds == 1:
