@@ -138,12 +138,13 @@ def test_a_fresh_start_leaves_nothing_of_an_earlier_run(tmp_path):
     assert len(list((tmp_path / "tb").iterdir())) == 1  # the new run's own event file
 
 
-def test_invalidated_files_go_only_when_an_epoch_runs(tmp_path):
+def test_invalidated_files_go_only_when_an_epoch_runs(tmp_path, capsys):
     evaluation = tmp_path / "metrics.json"
     _run(tmp_path, epochs=2)
     evaluation.write_text("{}")
     _run(tmp_path, epochs=2, resume=True, invalidates=[evaluation])  # finished: nothing retrains
     assert evaluation.is_file()
+    assert "training finished at epoch 2" in capsys.readouterr().err
     _run(tmp_path, epochs=2, invalidates=[evaluation])
     assert not evaluation.exists()
 

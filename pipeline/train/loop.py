@@ -46,6 +46,7 @@ import csv
 import math
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -303,6 +304,12 @@ def fit(
             state["stale"],
             state["stopped"],
         )
+        if main and (stopped or start >= s.epochs):
+            print(
+                f"note: {out}: training finished at epoch {start} (best epoch {best_epoch + 1}); "
+                "nothing left to resume",
+                file=sys.stderr,
+            )
     else:
         if main:
             clear_earlier_run(out)
