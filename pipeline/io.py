@@ -236,6 +236,7 @@ def check_header(
     n = int(np.prod(spatial, dtype=np.int64))
     if n > max_voxels:
         raise VolumeError(path, f"{n:,} voxels {spatial} exceed the limit of {max_voxels:,} (io.max_voxels)")
+    _check_nifti_slice_plane(header)
     direction = np.asarray(header.direction, dtype=float)
     dim = header.dimension
     if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction.reshape(dim, dim))) < 1e-6:
@@ -289,21 +290,30 @@ def _set_nifti_geometry(image: sitk.Image, path: Path) -> None:
     image.SetOrigin((LPS_TO_RAS @ affine[:3, 3]).tolist())
 
 
-def _check_slice_plane(volume: Volume) -> None:
+def _check_slice_plane(path: Path, shape: tuple[int, ...], affine: np.ndarray) -> None:
     """Refuse a one-slice volume whose slice is not axial: a one-slice image gives only an axial
     view, and the lung net segments axial slices, so a coronal or sagittal slice would be cut across."""
-    flat = [axis for axis, n in enumerate(volume.shape) if n == 1]
+    flat = [axis for axis, n in enumerate(shape) if n == 1]
     if not flat or len(flat) == 3:
         return
-    world = nib.orientations.io_orientation(volume.affine)[:, 0].astype(int)  # 0 R-L, 1 A-P, 2 S-I
+    world = nib.orientations.io_orientation(affine)[:, 0].astype(int)  # 0 R-L, 1 A-P, 2 S-I
     if any(world[axis] == 2 for axis in flat):
         return
     plane = "coronal" if any(world[axis] == 1 for axis in flat) else "sagittal"
     raise VolumeError(
-        volume.path,
-        f"a single {plane} slice {volume.shape} ({''.join(volume.axcodes)}): one-slice images are "
+        path,
+        f"a single {plane} slice {shape} ({''.join(nib.aff2axcodes(affine))}): one-slice images are "
         "taken as axial slices only",
     )
+
+
+def _check_nifti_slice_plane(header: Header) -> None:
+    """The slice-plane check of a 2D NIfTI from its own affine, before reading: ITK takes the
+    affine's in-plane corner as the direction, which is singular for a coronal or sagittal slice."""
+    if header.dimension == 2 and not header.dicom_files and is_nifti(header.path):
+        nifti = nib.load(header.path).header
+        if nifti["sform_code"] > 0 or nifti["qform_code"] > 0:
+            _check_slice_plane(header.path, (*header.size, 1), nifti.get_best_affine())
 
 
 def _read_nifti_gz(path: Path, header: Header) -> sitk.Image | None:
@@ -372,7 +382,7 @@ def read_volume(
             file_checks.check_nifti_data(path)
         image = _execute(path, header, volume_index)
     volume = Volume(_check_finite(image, path, nonfinite, stored_values, volume_index), path)
-    _check_slice_plane(volume)
+    _check_slice_plane(volume.path, volume.shape, volume.affine)
     return volume
 
 

@@ -337,6 +337,19 @@ def test_a_single_slice_that_is_not_axial_is_refused(tmp_path, axis, plane):
         read_volume(path, allow_2d=True)
 
 
+@pytest.mark.parametrize(("axis", "plane"), [(1, "coronal"), (0, "sagittal")])
+def test_a_2d_nifti_whose_affine_is_not_axial_is_refused_by_plane(tmp_path, axis, plane):
+    """ITK would call the in-plane corner of such an affine singular; the plane is the reason."""
+    affine = np.eye(4)
+    affine[:3, :3] = np.eye(3)[
+        :, [a for a in range(3) if a != axis] + [axis]
+    ]  # the image's j-axis leaves the plane
+    path = tmp_path / f"{plane}2d.nii"
+    nib.save(nib.Nifti1Image(np.zeros((12, 10), np.int16), affine), path)
+    with pytest.raises(VolumeError, match=rf"{plane}2d.nii: a single {plane} slice \(12, 10, 1\)"):
+        read_volume(path, allow_2d=True)
+
+
 @pytest.mark.parametrize("builder", [nonfinite_voxels, nonfinite_nrrd])
 def test_nonfinite_zero_replaces_them_with_zero(builder, tmp_path, make_ct):
     path = builder(tmp_path, make_ct)
