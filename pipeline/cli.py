@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from pipeline import __version__
 from pipeline.allocator import keep_freed_memory
 from pipeline.batch import Ledger, storage_failure
-from pipeline.config import Config, load_config
+from pipeline.config import Config, config_yaml, load_config
 from pipeline.folder_lock import FolderInUse
 from pipeline.io import VolumeError
 from pipeline.manifest import ManifestError
@@ -80,6 +80,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     print(f"wrote {args.n} synthetic cases; manifest: {manifest}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(config_yaml(load_config(args.config)), end="")
     return 0
 
 
@@ -254,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("preprocess", cmd_preprocess, "reorient, resample, normalise, crop and cut the three views")
     source = p.add_mutually_exclusive_group()
     source.add_argument(
-        "--manifest", type=Path, help="manifest CSV (case_id,image[,label,mask,split,patient_id])"
+        "--manifest", type=Path, help="manifest CSV (case_id,image[,label,mask,split,patient_id,series_uid])"
     )
     source.add_argument("--input", type=Path, help="a folder of scans (NIfTI/NRRD/MHA files, DICOM series)")
     p.add_argument("--config", type=Path, help="experiment config YAML")
@@ -321,6 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", type=Path, help="experiment config YAML")
     p.add_argument("--run", type=Path, help="run folder (default: runs/<name>)")
+
+    p = command(
+        "config",
+        cmd_config,
+        "check a config YAML and print it resolved: every key, with the defaults of those it leaves out",
+    )
+    p.add_argument(
+        "config", type=Path, nargs="?", help="experiment config YAML (default: none, the defaults)"
+    )
 
     p = command("demo", cmd_demo, "run every stage on a generated synthetic chest CT cohort")
     p.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")

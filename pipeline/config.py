@@ -24,14 +24,19 @@ __all__ = [
     "DataConfig",
     "IOConfig",
     "IntensityConfig",
+    "ModelName",
     "Precision",
     "PredictConfig",
     "PreprocessConfig",
     "SegmentConfig",
     "ViewsConfig",
+    "config_yaml",
     "load_config",
     "save_config",
 ]
+
+# the classifiers of pipeline.models.registry.MODELS (each reads only some of the model keys below)
+ModelName = Literal["cnn_lstm", "conv_lstm", "cnn3d", "cnn3d_views"]
 
 # a net's numeric precision (pipeline.train.precision): "auto" is bfloat16 where oneDNN supports it
 Precision = Literal["auto", "float32", "bfloat16"]
@@ -133,7 +138,7 @@ class PreprocessConfig(Section):
 class ClassifyConfig(Section):
     """Classifier training (owned by the classifier stage)."""
 
-    model: str = "cnn_lstm"  # see pipeline.models.MODELS: cnn_lstm, conv_lstm, cnn3d, cnn3d_views
+    model: ModelName = "cnn_lstm"
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(32, ge=1)
     seed: int = 0
@@ -188,7 +193,7 @@ class ClassifyConfig(Section):
     threshold_on: Literal["val", "val+oof"] = "val+oof"
     n_boot: int = Field(1000, ge=0)
     workers: int = Field(0, ge=0)
-    device: str = "cpu"
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")  # the classifier's (the lung net runs on CPU)
 
     @model_validator(mode="after")
     def _extra_models_are_overrides(self) -> ClassifyConfig:
@@ -346,10 +351,15 @@ def _keys_at(loc: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
+def config_yaml(config: Config) -> str:
+    """The resolved config, every key with its value, as YAML."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
 def save_config(config: Config, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically)."""
     from pipeline.io import atomic_path
 
     with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+        tmp.write_text(config_yaml(config), encoding="utf-8")
     return Path(path)

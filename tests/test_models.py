@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 import torch
 from torch import nn
 
 from pipeline.augment import volume_to_slab_views
-from pipeline.config import ClassifyConfig
-from pipeline.models import MODELS, ConvLSTMCell, build_model
+from pipeline.config import ClassifyConfig, ModelName, load_config
+from pipeline.models import MODELS, ConvLSTMCell, build_model, ignored_settings, model_spec
 from pipeline.models.cnn_lstm import GlobalPool
 
 CASES = [
@@ -57,9 +59,31 @@ def test_views_are_encoded_by_one_shared_encoder():
     assert not torch.allclose(model(x), swapped)  # the LSTM sees the view order
 
 
-def test_unknown_model_is_named():
+def test_a_misspelt_model_is_refused_with_the_config(tmp_path):
+    assert set(get_args(ModelName)) == set(MODELS)  # the config names every registered model
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("classify: {model: cnnlstm}\n")
+    with pytest.raises(
+        ValueError, match=r"cfg.yaml: classify.model: Input should be 'cnn_lstm'.*got 'cnnlstm'"
+    ):
+        load_config(cfg)
+    cfg.write_text("classify: {device: gpu}\n")
+    with pytest.raises(ValueError, match=r"cfg.yaml: classify.device: String should match"):
+        load_config(cfg)
     with pytest.raises(ValueError, match="known: cnn3d, cnn3d_views, cnn_lstm, conv_lstm"):
-        build_model(ClassifyConfig(model="resnet"), 1, 2)
+        model_spec("resnet")
+
+
+def test_model_keys_a_model_does_not_read_are_named():
+    cfg = ClassifyConfig(
+        model="conv_lstm",
+        rnn="gru",
+        hidden=32,
+        folds=2,
+        extra_models=[{"model": "cnn3d_views", "stem_stride": 2, "bidirectional": False}],
+    )
+    assert ignored_settings(cfg) == {"conv_lstm": ["rnn"], "cnn3d_views": ["bidirectional"]}
+    assert ignored_settings(ClassifyConfig(rnn="gru", pool="avgmax")) == {}
 
 
 def test_conv_lstm_cell_state():

@@ -67,6 +67,19 @@ def test_config_errors_name_the_file_and_each_problem(tmp_path, capsys, text, me
     assert message in err and "Traceback" not in err
 
 
+def test_config_prints_the_resolved_config_with_its_data_paths_from_the_file(tmp_path, capsys):
+    config = tmp_path / "exp" / "cfg.yaml"
+    config.parent.mkdir()
+    config.write_text("data: {manifest: cases.csv}\nclassify: {epochs: 7}\n")
+    assert main(["config", str(config)]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["data"]["manifest"] == str(config.parent.resolve() / "cases.csv")
+    assert resolved["classify"]["epochs"] == 7 and resolved["segment"]["epochs"] == 30  # a default
+    config.write_text("classify: {epoch: 7}\n")
+    assert main(["config", str(config)]) == 2
+    assert "classify.epoch: unknown key; did you mean 'epochs'?" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", [["report"], ["evaluate", "classify"], ["train", "segment"]])
 def test_a_missing_run_folder_is_named(tmp_path, capsys, command):
     missing = tmp_path / "no_such_run"

@@ -5,7 +5,14 @@ from pipeline.models.cnn3d import SlabVolume3DCNN, Small3DCNN
 from pipeline.models.cnn_lstm import MultiViewCNNLSTM
 from pipeline.models.conv_lstm import ConvLSTMCell, MultiViewConvLSTM
 from pipeline.models.ensemble import Ensemble
-from pipeline.models.registry import MODELS, ModelSpec, build_model, load_classifier, model_spec
+from pipeline.models.registry import (
+    MODELS,
+    ModelSpec,
+    build_model,
+    ignored_settings,
+    load_classifier,
+    model_spec,
+)
 
 __all__ = [
     "MODELS",
@@ -17,6 +24,7 @@ __all__ = [
     "SlabVolume3DCNN",
     "Small3DCNN",
     "build_model",
+    "ignored_settings",
     "load_classifier",
     "model_spec",
 ]

@@ -22,7 +22,21 @@ from pipeline.models.cnn_lstm import MultiViewCNNLSTM
 from pipeline.models.conv_lstm import MultiViewConvLSTM
 from pipeline.models.ensemble import Ensemble
 
-__all__ = ["MODELS", "ModelSpec", "build_model", "load_classifier", "model_spec"]
+__all__ = ["MODELS", "ModelSpec", "build_model", "ignored_settings", "load_classifier", "model_spec"]
+
+# the classify keys that shape a model; each model reads some of them (ModelSpec.reads)
+ARCHITECTURE = (
+    "encoder",
+    "features",
+    "depth",
+    "rnn",
+    "hidden",
+    "pool",
+    "stem_stride",
+    "bidirectional",
+    "dropout",
+)
+_CNN3D_KEYS = frozenset({"features", "depth", "dropout", "pool", "stem_stride"})
 
 
 @dataclass(frozen=True)
@@ -31,6 +45,7 @@ class ModelSpec:
 
     build: Callable[[int, int, ClassifyConfig], nn.Module]
     input: Literal["views", "volume"]
+    reads: frozenset[str]  # the ARCHITECTURE keys the model is built from
     whole_volume: bool = False  # views must hold every slice of a cube (pipeline.augment.whole_volume_slabs)
 
 
@@ -50,19 +65,24 @@ MODELS: dict[str, ModelSpec] = {
             cfg.stem_stride,
         ),
         "views",
+        frozenset(ARCHITECTURE),
     ),
     "conv_lstm": ModelSpec(
-        lambda c, n, cfg: MultiViewConvLSTM(c, n, cfg.features, cfg.depth, cfg.hidden, cfg.dropout), "views"
+        lambda c, n, cfg: MultiViewConvLSTM(c, n, cfg.features, cfg.depth, cfg.hidden, cfg.dropout),
+        "views",
+        frozenset({"features", "depth", "hidden", "dropout"}),
     ),
     "cnn3d": ModelSpec(
         lambda c, n, cfg: Small3DCNN(c, n, cfg.features, cfg.depth, cfg.dropout, cfg.pool, cfg.stem_stride),
         "volume",
+        _CNN3D_KEYS,
     ),
     "cnn3d_views": ModelSpec(
         lambda c, n, cfg: SlabVolume3DCNN(
             1, n, cfg.features, cfg.depth, cfg.dropout, cfg.pool, cfg.stem_stride
         ),
         "views",
+        _CNN3D_KEYS,
         whole_volume=True,
     ),
 }
@@ -73,6 +93,21 @@ def model_spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise ValueError(f"unknown classify.model {name!r}; known: {', '.join(sorted(MODELS))}")
     return MODELS[name]
+
+
+def ignored_settings(cfg: ClassifyConfig) -> dict[str, list[str]]:
+    """Per model of ``cfg``, the model keys it was given but does not read: for ``cfg.model`` those
+    set away from their defaults, for each of ``extra_models`` those its overrides name."""
+    defaults = ClassifyConfig()
+    given = [
+        (cfg.model, [key for key in ARCHITECTURE if getattr(cfg, key) != getattr(defaults, key)]),
+        *((str(extra["model"]), [key for key in ARCHITECTURE if key in extra]) for extra in cfg.extra_models),
+    ]
+    ignored = {}
+    for name, keys in given:
+        if unread := [key for key in keys if key not in model_spec(name).reads]:
+            ignored[name] = unread
+    return ignored
 
 
 def build_model(cfg: ClassifyConfig, in_channels: int, num_classes: int) -> nn.Module:

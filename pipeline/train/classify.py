@@ -52,7 +52,7 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ClassifyConfig, Config, PreprocessConfig, save_config
 from pipeline.folder_lock import folder_lock
 from pipeline.io import atomic_path, float_text, remove_stale_temps, write_json
-from pipeline.models import build_model, model_spec
+from pipeline.models import build_model, ignored_settings, model_spec
 from pipeline.models.ensemble import Ensemble
 from pipeline.preprocess.cache import load_entry
 from pipeline.train import distributed
@@ -253,6 +253,12 @@ def check_models(cfg: ClassifyConfig, preprocess: PreprocessConfig) -> None:
         if spec.whole_volume:
             require_whole_volume_slabs(
                 preprocess.views, preprocess.shape, f"classify model {model_cfg.model}"
+            )
+    if distributed.is_main():
+        for name, keys in ignored_settings(cfg).items():
+            print(
+                f"warning: classify model {name} does not read classify.{', classify.'.join(keys)}",
+                file=sys.stderr,
             )
 
 
