@@ -7,7 +7,8 @@ a left-right flip (volume axis 0) flips the W axis of the axial and coronal view
 slab order (C) of the sagittal view. Channels are reversed only for slab/slice views
 (``flip_channels``); projection channels are not an axis. When C holds several slabs of the same
 slices (``blocks``: the image's slab, then the distance map's), each is reversed in place. Then each
-view gets a small random rotation/scaling, and the stack intensity jitter and Gaussian noise.
+view gets a small random rotation/scaling, and the image's slabs (not a distance map's) intensity
+jitter and Gaussian noise.
 
 With ``affine_space: volume`` the rotation/scaling is one 3D affine of the volume instead, applied
 before the flips: for whole-volume slab views (every slice of a cube, ``slab_views_to_volume``) the
@@ -191,7 +192,11 @@ class ViewAugment(Randomizable):
         views = self.flip(views, self._flips)
         if self.affine is not None:
             views = torch.stack([convert_to_tensor(self.affine(v), track_meta=False) for v in views])
-        return convert_to_tensor(self.intensity(views), track_meta=False)
+        if not self.intensity.transforms:
+            return views
+        image = views.shape[1] // self.blocks  # the image's channels; a distance map's stay in mm / 10
+        jittered = convert_to_tensor(self.intensity(views[:, :image]), track_meta=False)
+        return torch.cat([jittered, views[:, image:]], dim=1)
 
 
 def whole_volume_slabs(views: ViewsConfig, shape: tuple[int, ...]) -> bool:

@@ -6,12 +6,13 @@ and the class counts before balancing and per epoch after it (expected counts fo
 - ``none``: plain shuffling, cross-entropy.
 - ``weighted_sampler``: ``WeightedRandomSampler`` with inverse class frequency, with replacement, so
   classes are drawn equally often; the training set augments at random, so repeats differ.
-- ``oversample_augment``: minority cases duplicated until each class has ``oversample_ratio`` times
-  the majority count; every copy goes through the random augmentation.
+- ``oversample_augment``: minority cases repeated until each class has ``oversample_ratio`` times
+  the majority count, the repeats drawn afresh each epoch; every copy goes through the random
+  augmentation.
 - ``undersample``: each epoch keeps every case of the smallest class and a fresh random subset of at
   most ``undersample_ratio`` times that many of every other class.
 - ``class_weighted_loss``: cross-entropy weighted by inverse class frequency.
-- ``focal``: MONAI ``FocalLoss`` (softmax, ``focal_gamma``).
+- ``focal``: MONAI ``FocalLoss`` (softmax, ``focal_gamma``), each class weighted by inverse frequency.
 
 Example:
     >>> b = balance("weighted_sampler", np.array([0, 0, 0, 1]), num_classes=2)
@@ -29,9 +30,9 @@ import numpy as np
 import torch
 from monai.losses import FocalLoss
 from torch import nn
-from torch.utils.data import RandomSampler, Sampler, SubsetRandomSampler, WeightedRandomSampler
+from torch.utils.data import RandomSampler, Sampler, WeightedRandomSampler
 
-__all__ = ["STRATEGIES", "Balancing", "UndersampleSampler", "balance", "class_counts"]
+__all__ = ["STRATEGIES", "Balancing", "OversampleSampler", "UndersampleSampler", "balance", "class_counts"]
 
 
 @dataclass
@@ -72,14 +73,20 @@ def _inverse_frequency(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 
 
 class _SoftmaxFocal(nn.Module):
-    """MONAI ``FocalLoss`` on (B, K) logits and (B,) integer targets."""
+    """MONAI ``FocalLoss`` on (B, K) logits and (B,) integer targets, each class weighted by
+    ``weight`` (the alpha-balanced focal loss of Lin et al. 2017, with per-class alphas). The batch's
+    loss is normalised by its cases' weights as ``nn.CrossEntropyLoss(weight=...)`` is, so with gamma
+    0 the two are equal (MONAI's own mean also divides by K)."""
 
-    def __init__(self, gamma: float) -> None:
+    def __init__(self, gamma: float, weight: torch.Tensor) -> None:
         super().__init__()
-        self.focal = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=gamma)
+        self.register_buffer("weight", weight)
+        self.focal = FocalLoss(
+            to_onehot_y=True, use_softmax=True, gamma=gamma, weight=weight, reduction="none"
+        )
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.focal(logits, target.view(-1, 1))
+        return self.focal(logits, target.view(-1, 1)).sum() / self.weight[target].sum()
 
 
 class UndersampleSampler(Sampler[int]):
@@ -103,6 +110,36 @@ class UndersampleSampler(Sampler[int]):
         ]
         order = np.concatenate(chosen)[torch.randperm(len(self)).numpy()]
         return iter(order.tolist())
+
+
+class OversampleSampler(Sampler[int]):
+    """Per epoch: every case once, plus fresh repeats of each smaller class up to ``target`` cases.
+
+    A class's repeats go round its cases in a new random order each epoch, so no case is repeated
+    twice more than another, and which cases get the extra repeat changes from epoch to epoch. Uses
+    the global torch RNG (or ``draw``'s generator, which the distributed form seeds per epoch).
+    """
+
+    def __init__(self, labels: np.ndarray, target: int) -> None:
+        self.target = target
+        self.size = len(labels)
+        self.by_class = [np.flatnonzero(labels == k) for k in np.unique(labels)]
+
+    def __len__(self) -> int:
+        return self.size + sum(max(self.target - len(idx), 0) for idx in self.by_class)
+
+    def draw(self, generator: torch.Generator | None = None) -> np.ndarray:
+        """One epoch's indices, in no particular order."""
+        indices = [np.arange(self.size)]
+        for idx in self.by_class:
+            if (extra := self.target - len(idx)) > 0:
+                rounds = -(-extra // len(idx))
+                order = [idx[torch.randperm(len(idx), generator=generator).numpy()] for _ in range(rounds)]
+                indices.append(np.concatenate(order)[:extra])
+        return np.concatenate(indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.draw()[torch.randperm(len(self)).numpy()].tolist())
 
 
 def _none(labels: np.ndarray, num_classes: int, **_: Any) -> Balancing:
@@ -133,22 +170,9 @@ def _oversample_augment(
     labels: np.ndarray, num_classes: int, oversample_ratio: float = 1.0, **_: Any
 ) -> Balancing:
     counts = class_counts(labels, num_classes)
-    target = round(oversample_ratio * max(counts.values()))
-    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
-    indices = [np.arange(len(labels))]
-    for k, count in counts.items():
-        if 0 < count < target:
-            members = np.flatnonzero(labels == k)
-            extra = np.concatenate([rng.permutation(members) for _ in range(-(-(target - count) // count))])
-            indices.append(extra[: target - count])
-    expanded = np.concatenate(indices)
-    return Balancing(
-        "oversample_augment",
-        SubsetRandomSampler(expanded.tolist()),
-        nn.CrossEntropyLoss(),
-        counts,
-        {k: float(v) for k, v in class_counts(labels[expanded], num_classes).items()},
-    )
+    sampler = OversampleSampler(labels, round(oversample_ratio * max(counts.values())))
+    after = {k: float(max(count, sampler.target) if count else 0) for k, count in counts.items()}
+    return Balancing("oversample_augment", sampler, nn.CrossEntropyLoss(), counts, after)
 
 
 def _undersample(labels: np.ndarray, num_classes: int, undersample_ratio: float = 1.0, **_: Any) -> Balancing:
@@ -176,7 +200,7 @@ def _focal(labels: np.ndarray, num_classes: int, focal_gamma: float = 2.0, **_: 
     return Balancing(
         "focal",
         RandomSampler(range(len(labels))),
-        _SoftmaxFocal(focal_gamma),
+        _SoftmaxFocal(focal_gamma, _inverse_frequency(labels, num_classes)),
         before,
         {k: float(v) for k, v in before.items()},
     )

@@ -105,5 +105,11 @@ def load_checkpoint(
     sidecar = sidecar_path(path)
     meta = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
     if model is not None:
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:  # e.g. a sidecar edited or copied from another checkpoint
+            detail = " ".join(str(exc).split())[:300]
+            raise ValueError(
+                f"{path}: its weights do not fit the model its sidecar describes: {detail}"
+            ) from None
     return state, meta

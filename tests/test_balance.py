@@ -49,6 +49,16 @@ def test_oversample_duplicates_minority_to_ratio(ratio):
     assert b.after == {0: 90.0, 1: float(round(90 * ratio))}
 
 
+def test_oversample_redraws_its_repeats_each_epoch():
+    labels = np.array([0] * 22 + [1] * 6)  # 16 repeats of 6 cases: 4 get a fourth copy, 2 a third
+    torch.manual_seed(0)
+    sampler = balance("oversample_augment", labels, 2).sampler
+    epochs = [np.bincount(list(sampler), minlength=len(labels))[22:] for _ in range(20)]
+    for copies in epochs:
+        assert sorted(copies.tolist()) == [3, 3, 4, 4, 4, 4]  # all within one repeat of each other
+    assert len({tuple(c) for c in epochs}) > 1  # and which cases get the extra one changes
+
+
 @pytest.mark.parametrize("ratio", [1.0, 2.0])
 def test_undersample_reduces_majority_each_epoch(ratio):
     torch.manual_seed(0)
@@ -69,8 +79,16 @@ def test_loss_strategies_keep_sampling_and_change_the_loss():
     assert torch.allclose(weighted.loss.weight, torch.tensor([100 / 180, 100 / 20]))
     assert weighted.loss(logits, target) > plain
     focal = balance("focal", LABELS, 2, focal_gamma=2.0)
-    assert 0 < focal.loss(logits, target) < plain
+    assert 0 < focal.loss(logits, target) < weighted.loss(logits, target)
     assert focal.after == weighted.after == {0: 90.0, 1: 10.0}
+    wrong = torch.tensor([[0.0, 2.0], [2.0, 0.0]], requires_grad=True)  # equally wrong, one per class
+    focal.loss(wrong, torch.tensor([0, 1])).backward()
+    majority, minority = wrong.grad.norm(dim=1)
+    assert minority / majority == pytest.approx(9.0)  # the classes' inverse frequencies, 100/20 : 100/180
+    x, y = torch.randn(16, 2), torch.randint(0, 2, (16,))  # with gamma 0 it is class_weighted_loss
+    assert balance("focal", LABELS, 2, focal_gamma=0.0).loss(x, y) == pytest.approx(
+        float(weighted.loss(x, y))
+    )
 
 
 def test_report_and_unknown_strategy():
@@ -160,3 +178,19 @@ def test_view_augmentation_is_seeded_and_varies():
     volume = volume_augmentation(ClassifyConfig(affine_prob=1.0))
     volume.set_random_state(0)
     assert volume(torch.rand(1, 8, 8, 8)).shape == (1, 8, 8, 8)
+
+
+def test_intensity_jitter_and_noise_leave_a_distance_map_alone():
+    views = torch.rand(3, 8, 16, 16)  # 4-slice slabs: the image's, then its distance map's
+    cfg = ClassifyConfig(affine_prob=0.0, flip_axes=(), intensity_prob=1.0, noise_std=0.1)
+    out = view_augmentation(cfg, ViewsConfig(mode="slab", thickness=4, distance=True), (16, 16, 16))(views)
+    assert torch.equal(out[:, 4:], views[:, 4:]) and not torch.allclose(out[:, :4], views[:, :4])
+
+
+def test_an_epoch_drops_at_most_a_lone_last_case():
+    from pipeline.train.classify import lone_last_case
+
+    # 12 undersampled cases in batches of 8 train all 12 (they used to train 8)
+    assert [lone_last_case(n, 8) for n in (12, 17, 16, 9, 8, 3, 1)] == [False, True, False, True] + [
+        False
+    ] * 3

@@ -28,6 +28,12 @@ def test_round_trip(tmp_path):
         assert torch.equal(fresh.state_dict()[key], value) and torch.equal(state[key], value)
 
 
+def test_weights_that_do_not_fit_the_model_are_named(tmp_path):
+    path = save_checkpoint(tmp_path / "checkpoint.pt", nn.Linear(2, 2), {})
+    with pytest.raises(ValueError, match=r"checkpoint.pt: its weights do not fit the model .*size mismatch"):
+        load_checkpoint(path, nn.Linear(2, 3))
+
+
 class _Payload:
     def __init__(self, marker: str) -> None:
         self.marker = marker

@@ -186,9 +186,15 @@ def test_shard_maps_each_balancing_sampler_to_its_distributed_form(one_rank_grou
         torch.as_tensor(weighted.weights, dtype=torch.float32), torch.tensor([2 / 3] * 9 + [2.0] * 3)
     )
     assert type(distributed.shard(balance("none", labels, 2).sampler, dataset, 0)) is DistributedSampler
-    oversampled = balance("oversample_augment", labels, 2).sampler
-    shard = distributed.shard(oversampled, dataset, seed=0)
-    shard.set_epoch(1)
-    assert sorted(shard) == sorted(oversampled.indices)  # one rank: every (repeated) index once
+    uneven = np.array([0] * 10 + [1] * 3)  # 7 repeats of 3 cases
+    shard = distributed.shard(balance("oversample_augment", uneven, 2).sampler, list(range(13)), seed=0)
+    drawn = []
+    for epoch in range(4):
+        shard.set_epoch(epoch)
+        drawn.append(sorted(shard))
+        assert np.bincount(uneven[drawn[-1]]).tolist() == [10, 10] and set(drawn[-1]) == set(range(13))
+    shard.set_epoch(0)
+    assert sorted(shard) == drawn[0]  # an epoch's repeats are the same on every rank
+    assert len({tuple(d) for d in drawn}) > 1  # and change from epoch to epoch
     with pytest.raises(ValueError, match="no distributed form"):
         distributed.shard(balance("undersample", labels, 2).sampler, dataset, 0)

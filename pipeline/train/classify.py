@@ -294,6 +294,12 @@ def _balancing(cfg: ClassifyConfig, labels: np.ndarray, num_classes: int) -> Bal
     )
 
 
+def lone_last_case(per_epoch: int, batch_size: int) -> bool:
+    """Whether an epoch's last batch would hold one case after full ones: BatchNorm cannot train on
+    one, so it is dropped (``drop_last``); any larger remainder is trained on."""
+    return per_epoch > batch_size and per_epoch % batch_size == 1
+
+
 def _fit_member(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) -> tuple[nn.Module, FitResult]:
     """Balance, augment and train one model on ``train``, keeping its best epoch on ``val``."""
     cfg, meta = run.cfg, run.meta
@@ -306,13 +312,13 @@ def _fit_member(run: _Training, train: CaseArrays, val: CaseArrays, out: Path) -
     if distributed.is_main():
         write_json(out / "balance.json", balancing.report(classes))
     dataset = CaseDataset(train, run.transform)
-    per_epoch = len(balancing.sampler)  # undersampling draws fewer cases than the split holds
+    sampler = distributed.shard(balancing.sampler, dataset, cfg.seed)
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
-        sampler=distributed.shard(balancing.sampler, dataset, cfg.seed),
+        sampler=sampler,
         num_workers=cfg.workers,
-        drop_last=per_epoch > cfg.batch_size * distributed.world_size(),  # a lone case upsets BatchNorm
+        drop_last=lone_last_case(len(sampler), cfg.batch_size),
     )
 
     def validate(net: nn.Module) -> dict[str, float]:

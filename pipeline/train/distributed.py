@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -23,7 +23,9 @@ import torch.distributed as dist
 from monai.data import DistributedSampler, DistributedWeightedRandomSampler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset, RandomSampler, Sampler, SubsetRandomSampler, WeightedRandomSampler
+from torch.utils.data import Dataset, RandomSampler, Sampler, WeightedRandomSampler
+
+from pipeline.balance import OversampleSampler
 
 __all__ = [
     "barrier",
@@ -105,15 +107,16 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model)
 
 
-class _SubsetShard(DistributedSampler):
-    """A shuffled per-rank share of a fixed index list (e.g. one with oversampled repeats)."""
+class _OversampleShard(DistributedSampler):
+    """A shuffled per-rank share of an ``OversampleSampler``'s epoch, which every rank draws alike."""
 
-    def __init__(self, indices: Sequence[int], seed: int) -> None:
-        super().__init__(list(indices), shuffle=True, seed=seed)
-        self.indices = list(indices)
+    def __init__(self, sampler: OversampleSampler, seed: int) -> None:
+        super().__init__(range(len(sampler)), shuffle=True, seed=seed)
+        self.sampler = sampler
 
     def __iter__(self) -> Iterator[int]:
-        return (self.indices[i] for i in super().__iter__())
+        indices = self.sampler.draw(torch.Generator().manual_seed(self.seed + self.epoch))
+        return (int(indices[i]) for i in super().__iter__())
 
 
 def shard(sampler: Sampler[int], dataset: Dataset, seed: int) -> Sampler[int]:
@@ -121,15 +124,15 @@ def shard(sampler: Sampler[int], dataset: Dataset, seed: int) -> Sampler[int]:
 
     Plain shuffling becomes a ``DistributedSampler``, weighted sampling MONAI's
     ``DistributedWeightedRandomSampler`` (each rank draws with replacement from its share, with the
-    same per-case weights) and a random subset of indices a shuffled share of those indices. Each
+    same per-case weights) and oversampling a shuffled share of each epoch's repeated indices. Each
     rank gets ``len(sampler) / world_size`` items per epoch; call ``set_epoch`` every epoch.
     """
     if not is_distributed():
         return sampler
     if isinstance(sampler, WeightedRandomSampler):
         return DistributedWeightedRandomSampler(dataset, sampler.weights.tolist(), seed=seed)
-    if isinstance(sampler, SubsetRandomSampler):
-        return _SubsetShard(sampler.indices, seed)
+    if isinstance(sampler, OversampleSampler):
+        return _OversampleShard(sampler, seed)
     if isinstance(sampler, RandomSampler):
         return DistributedSampler(dataset, shuffle=True, seed=seed)
     raise ValueError(
