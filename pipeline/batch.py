@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -50,6 +51,7 @@ __all__ = [
     "Ledger",
     "ResultTable",
     "Row",
+    "SchedulerLost",
     "Task",
     "case_signature",
     "code_digest",
@@ -233,12 +235,30 @@ def _guarded(fn: Callable[[Any], Row], task: Task) -> Row:
     return row
 
 
+class SchedulerLost(ConnectionError):
+    """The Dask scheduler went away during a batch: not a case's fault, so the batch stops."""
+
+
+try:  # a Dask worker plugin, so that workers which join after the batch starts are set up too
+    from distributed.diagnostics.plugin import WorkerPlugin
+except ImportError:  # without Dask there is no --scheduler
+    WorkerPlugin = object
+
+
+class _OneThreadPerWorker(WorkerPlugin):  # type: ignore[misc, valid-type]
+    """``_limit_threads`` on every Dask worker, as it starts or joins."""
+
+    def setup(self, worker: object) -> None:
+        _limit_threads()
+
+
 def _limit_threads() -> None:
     """Keep each worker process to one thread so N workers use N cores. Ctrl-C is the parent's to
     handle: a worker interrupted inside the pool's queue locks would deadlock the pool."""
     import SimpleITK as sitk
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if threading.current_thread() is threading.main_thread():  # a threaded Dask worker has no say
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = "1"
@@ -392,7 +412,12 @@ def _run_on_dask(
     except OSError as exc:  # unreachable or timed out
         raise ValueError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
     with client:
-        client.run(_limit_threads)
+        client.register_plugin(_OneThreadPerWorker(), name="medpipe-one-thread")  # workers joining later too
+        if not client.scheduler_info().get("workers"):
+            print(
+                f"warning: the Dask scheduler at {scheduler} has no workers yet; the cases wait for one",
+                file=sys.stderr,
+            )
         futures = {
             client.submit(_guarded, fn, t, pure=False, key=f"medpipe-{t.case_id}-{uuid.uuid4().hex[:8]}"): t
             for t in tasks
@@ -405,5 +430,10 @@ def _run_on_dask(
                 if storage_failure(exc):
                     client.cancel(list(futures))
                     raise
+                if "scheduler-connection-lost" in str(exc) or type(exc).__name__ == "CommClosedError":
+                    raise SchedulerLost(
+                        f"lost the Dask scheduler at {scheduler} ({type(exc).__name__}); the cases that "
+                        "finished are recorded: rerun the same command to go on"
+                    ) from None
                 row = Row(task.case_id, "error", f"worker failed: {type(exc).__name__}: {exc}")
             finish(row)

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from pipeline import __version__
 from pipeline.allocator import keep_freed_memory
-from pipeline.batch import Ledger, storage_failure
+from pipeline.batch import Ledger, SchedulerLost, storage_failure
 from pipeline.config import Config, config_yaml, load_config
 from pipeline.folder_lock import FolderInUse
 from pipeline.io import VolumeError
@@ -28,7 +28,9 @@ __all__ = ["main"]
 
 TASKS = ("classify", "segment")
 BATCH_FAILED = 1  # exit code of preprocess/predict when no case succeeded; 2 is a usage/input error
-STORAGE_FAILED = 3  # the output folder could not be written: full, over quota or read-only
+# a batch stopped before its end, not by a case's fault: the output folder could not be written
+# (full, over quota or read-only), or the Dask scheduler was lost; the finished cases are recorded
+BATCH_STOPPED = 3
 
 
 def _config(args: argparse.Namespace, **overrides: object) -> Config:
@@ -376,6 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as exc:
         print(f"medpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except SchedulerLost as exc:
+        print(f"medpipe {args.command}: error: {exc}", file=sys.stderr)
+        return BATCH_STOPPED
     except OSError as exc:
         if not storage_failure(exc):
             raise
@@ -384,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "make the folder writable) and rerun the same command to go on",
             file=sys.stderr,
         )
-        return STORAGE_FAILED
+        return BATCH_STOPPED
     except KeyboardInterrupt:
         again = (
             "rerun with --resume to continue"

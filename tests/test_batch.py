@@ -223,16 +223,78 @@ def test_a_full_disk_stops_the_batch_and_keeps_the_finished_rows(tmp_path, worke
     assert all(r.status == "ok" for r in rows.values())
 
 
-def test_the_cli_names_a_full_disk_and_exits_3(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("lost", ["disk", "scheduler"])
+def test_the_cli_names_a_stopped_batch_and_exits_3(tmp_path, capsys, monkeypatch, lost):
     from pipeline import cli
+    from pipeline.batch import SchedulerLost
 
-    def full(args):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ledger.csv"))
+    def stopped(args):
+        if lost == "disk":
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ledger.csv"))
+        raise SchedulerLost(
+            "lost the Dask scheduler at tcp://h:1 (CancelledError); ... rerun the same command to go on"
+        )
 
-    monkeypatch.setattr(cli, "cmd_preprocess", full)
+    monkeypatch.setattr(cli, "cmd_preprocess", stopped)
     assert cli.main(["preprocess", "--input", str(tmp_path), "--run", str(tmp_path / "run")]) == 3
     err = capsys.readouterr().err
-    assert "No space left on device" in err and "rerun the same command to go on" in err
+    assert ("No space left on device" if lost == "disk" else "lost the Dask scheduler") in err
+    assert "rerun the same command to go on" in err and "Traceback" not in err
+
+
+def slow_square(n: int) -> Row:
+    """A case function that takes a while, so a batch can be cut off in the middle."""
+    time.sleep(0.3)
+    return Row(f"case{n}", "ok", output=str(n * n))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_lost_dask_scheduler_stops_the_batch_and_keeps_the_finished_rows(tmp_path):
+    """Not 30 error rows and exit 0: the cases after the loss are the cluster's fault, not theirs."""
+    pytest.importorskip("distributed")
+    import subprocess
+    import sys
+
+    from pipeline.batch import SchedulerLost
+
+    port = str(_free_port())
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}  # the worker unpickles slow_square
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+
+    def dask(command: str, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", f"distributed.cli.dask_{command}", *args], **quiet)
+
+    scheduler = dask("scheduler", "--host", "127.0.0.1", "--port", port)
+    worker = dask("worker", address, "--nthreads", "1")
+    ledger = Ledger(tmp_path / "ledger.csv")
+    try:
+
+        def kill_after_two(row: Row) -> None:
+            if len(ledger.rows()) == 2:
+                scheduler.kill()
+
+        with pytest.raises(SchedulerLost, match=rf"lost the Dask scheduler at {address}.*rerun"):
+            run_cases(
+                slow_square,
+                [Task(f"case{n}", n) for n in range(30)],
+                ledger,
+                scheduler=address,
+                on_row=kill_after_two,
+            )
+    finally:
+        for process in (scheduler, worker):
+            process.kill()
+            process.wait()
+    rows = ledger.rows()
+    assert len(rows) >= 2 and all(r.status == "ok" for r in rows.values())  # no error rows for the rest
 
 
 def test_stale_temporaries_go_and_a_case_named_like_one_stays(tmp_path):
