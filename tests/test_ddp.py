@@ -20,11 +20,14 @@ mapping is checked in one process.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +54,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+TORCHRUN_ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun_command(nproc: int, *args: str) -> list[str]:
     """``torchrun --nproc_per_node=nproc -m pipeline -- ARGS`` on 127.0.0.1 only.
 
     The ``--`` stops torchrun's own parser, which would take ``--run`` for an ambiguous
     abbreviation of its ``--run-path``.
     """
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [
+    return [
         str(torchrun),
         "--nnodes=1",
         f"--nproc_per_node={nproc}",
@@ -69,8 +75,12 @@ def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
         "--",
         *args,
     ]
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        _torchrun_command(nproc, *args), capture_output=True, text=True, env=TORCHRUN_ENV, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -130,6 +140,56 @@ def test_two_rank_segment_training_matches_one_process_at_the_same_global_batch(
             probabilities.append(torch.softmax(net.eval()(probe), 1))
     assert float((probabilities[0] - probabilities[1]).abs().max()) < 1e-4
     assert len(list((two / "tb").glob("events.*"))) == 1
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(int(p.name)) == pid]
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command's closing parenthesis: state, ppid, ..."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def _parent(pid: int) -> int | None:
+    return int(fields[1]) if (fields := _stat(pid)) else None
+
+
+def _running(pid: int) -> bool:
+    return bool(fields := _stat(pid)) and fields[0] != "Z"  # a zombie has ended
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_the_ranks_end_with_a_launcher_killed_outright(cohort, tmp_path):
+    """kill -9 of torchrun cannot pass the signal on; the ranks must not train on unseen."""
+    config = _segment_config(tmp_path, cohort, 4)
+    config.write_text(config.read_text().replace("epochs: 3", "epochs: 1000"))
+    run = tmp_path / "ddp"
+    command = _torchrun_command(2, "train", "segment", "--run", str(run), "--config", str(config))
+    launcher = subprocess.Popen(
+        command, env=TORCHRUN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "segment" / "history.csv").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ranks = _children(launcher.pid)
+        assert len(ranks) == 2 and (run / "segment" / "history.csv").is_file()
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 15
+        while any(_running(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_running(pid) for pid in ranks)
+    finally:
+        launcher.kill()
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_two_rank_classifier_training_finishes_and_only_rank_0_writes(cohort, tmp_path):

@@ -89,6 +89,16 @@ def test_rerun_skips_valid_entries_and_redoes_when_parameters_change(cohort, tmp
     assert arrays["views"].shape[1] == 3  # slice, mean, max
 
 
+def test_a_damaged_cache_entry_is_named_and_a_rerun_rebuilds_it(cohort, tmp_path):
+    config = load_config(None, run=tmp_path / "run", **{"data.manifest": str(cohort), **SMALL})
+    entry = next((run_preprocess(config) / "cache").glob("*.npz"))
+    entry.write_bytes(entry.read_bytes()[:100])  # cut short, e.g. by a crash of the file system
+    with pytest.raises(ValueError, match=rf"{entry.name}: damaged cache entry .*rerun preprocess"):
+        load_entry(entry)
+    run_preprocess(config)
+    assert load_entry(entry)[0]["views"].ndim == 4
+
+
 def test_rerun_redoes_cases_cached_by_other_medpipe_code(cohort, tmp_path, monkeypatch):
     """An upgrade (another code digest) must not reuse the cache the old code wrote."""
     from pipeline import batch

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.checkpoint import load_checkpoint
+from pipeline.checkpoint import load_checkpoint, load_state, save_state
 from pipeline.train.loop import LoopSettings, fit
 
 
@@ -125,6 +125,16 @@ def test_resume_under_another_epoch_count_is_refused(tmp_path):
     assert (tmp_path / "last_state.pt").read_bytes() == before  # the interrupted run is intact
     _, result = _run(tmp_path, epochs=5, resume=True)
     assert result.epochs_run == 5
+
+
+def test_resuming_on_another_number_of_processes_is_warned_about(tmp_path, capsys):
+    with pytest.raises(Interrupted):
+        _run(tmp_path, epochs=4, crash_after=2)
+    state = load_state(tmp_path / "last_state.pt")
+    save_state(tmp_path / "last_state.pt", {**state, "rank_rng": state["rank_rng"] * 2})  # as 2 ranks save it
+    _, result = _run(tmp_path, epochs=4, resume=True)
+    assert result.epochs_run == 4
+    assert "a run of 2 process(es) resumed on 1" in capsys.readouterr().err
 
 
 def test_a_fresh_start_leaves_nothing_of_an_earlier_run(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +51,15 @@ def save_entry(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) 
 
 
 def load_entry(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read one case: (arrays, meta)."""
-    with np.load(path, allow_pickle=False) as npz:
-        arrays = {key: npz[key] for key in npz.files if key != "meta"}
-        meta = json.loads(str(npz["meta"]))
+    """Read one case: (arrays, meta). A damaged entry is a ValueError naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files if key != "meta"}
+            meta = json.loads(str(npz["meta"]))
+    except (zipfile.BadZipFile, EOFError, KeyError, ValueError, zlib.error) as exc:
+        raise ValueError(
+            f"{path}: damaged cache entry ({type(exc).__name__}: {exc}); rerun preprocess to rebuild it"
+        ) from None
     return arrays, meta
 
 

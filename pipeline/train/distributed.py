@@ -13,9 +13,12 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
 import torch
@@ -43,6 +46,8 @@ __all__ = [
     "wrap",
 ]
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+
 T = TypeVar("T")
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
 
@@ -67,6 +72,19 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def _end_with_launcher() -> None:
+    """Have the kernel terminate this rank when its torchrun launcher dies (Linux): a launcher
+    killed with SIGKILL cannot stop its ranks, which would train on unseen, holding the run's lock.
+    The last epoch's resume state is on disk, so ``--resume`` continues from it."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 @contextmanager
 def process_group() -> Iterator[None]:
     """Join the torchrun process group for the block (a no-op outside torchrun); usable as a decorator.
@@ -77,6 +95,7 @@ def process_group() -> Iterator[None]:
     if is_distributed() or not all(var in os.environ for var in LAUNCH_VARS):
         yield
         return
+    _end_with_launcher()
     dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     try:
         yield

@@ -296,7 +296,14 @@ def fit(
         if ema is not None:
             ema.load_state_dict(state["ema"])
         ranks = state.get("rank_rng", [])
-        set_rng_states(ranks[distributed.rank()] if len(ranks) == distributed.world_size() else state["rng"])
+        same_ranks = len(ranks) == distributed.world_size()
+        set_rng_states(ranks[distributed.rank()] if same_ranks else state["rng"])
+        if main and ranks and not same_ranks:
+            print(
+                f"warning: {last}: a run of {len(ranks)} process(es) resumed on {distributed.world_size()}: "
+                "the global batch and the steps per epoch change, so it does not continue exactly",
+                file=sys.stderr,
+            )
         history, start = list(state["history"]), int(state["epoch"]) + 1
         best_epoch, best, stale, stopped = (
             state["best_epoch"],
