@@ -16,6 +16,7 @@ from pipeline.config import load_config
 from pipeline.preprocess.cache import VIEW_NAMES, save_entry
 from pipeline.preprocess.views import extract_views
 from pipeline.report import run_report
+from pipeline.report.blocks import decimals_apart
 from pipeline.report.classifier import montage_picks, montage_row
 from pipeline.report.plots import VIEW_EDGES, view_grid
 from pipeline.report.segmentation import display_views
@@ -43,6 +44,13 @@ def outline(index: Path) -> Outline:
     return Outline(index.read_text(encoding="utf-8"))
 
 
+def figure(src: str) -> str:
+    """A figure's name without the content hash in its file name: ``figures/x-<hash>.png`` → ``x.png``."""
+    stem, digest = Path(src).stem.rsplit("-", 1)
+    assert len(digest) == 12, src
+    return f"{stem}.png"
+
+
 def assert_images_resolve(index: Path, page: Outline) -> None:
     for img in page.images:
         src = img["src"]
@@ -54,7 +62,7 @@ def test_full_report_has_every_section_and_part(full_report):
     page = outline(full_report)
     assert [h.split(".", 1)[1] for h in page.headings] == list(SECTION_TITLES)
     assert page.notes == [], "a part of a full run was omitted"
-    names = {Path(img["src"]).name for img in page.images}
+    names = {figure(img["src"]) for img in page.images}
     assert names == {
         "class_balance.png",
         "classify_curves.png",
@@ -67,7 +75,7 @@ def test_full_report_has_every_section_and_part(full_report):
         "segment_overlays.png",
     }
     assert_images_resolve(full_report, page)
-    assert {p.name for p in (full_report.parent / "figures").iterdir()} == names
+    assert {figure(p.name) for p in (full_report.parent / "figures").iterdir()} == names
     html = full_report.read_text(encoding="utf-8")
     for text in (
         "Sensitivity (recall)",
@@ -114,7 +122,8 @@ def test_partial_run_builds_with_notes(full_run, tmp_path, stages, omitted):
         assert not any(n.startswith("Class balance") for n in page.notes), page.notes
     assert_images_resolve(index, page)
     gathered = json.loads((index.parent / "metrics.json").read_text(encoding="utf-8"))
-    assert set(gathered) - {"run"} == {"classify", "segment"} & set(stages)
+    assert set(gathered) - {"run", "notes"} == {"classify", "segment"} & set(stages)
+    assert gathered["notes"] == page.notes  # what the page left out, machine-readable too
 
 
 def test_a_missing_key_omits_only_that_part(full_run, tmp_path):
@@ -125,7 +134,7 @@ def test_a_missing_key_omits_only_that_part(full_run, tmp_path):
     (run / "classify" / "history.csv").unlink()
     page = outline(run_report(load_config(None, run=str(run))))
     assert any(n.startswith("Training curves omitted: no run/classify/history.csv") for n in page.notes)
-    names = {Path(img["src"]).name for img in page.images}
+    names = {figure(img["src"]) for img in page.images}
     assert {"classify_confusion.png", "classify_roc_pr.png", "classify_montage.png"} <= names
 
 
@@ -287,3 +296,73 @@ def test_the_threshold_note_names_the_out_of_fold_scores_of_an_ensemble():
     assert chosen_on({"threshold_cases": {"val": 98, "out_of_fold": 0}}) == "validation"
     ensemble = chosen_on({"threshold_cases": {"val": 98, "out_of_fold": 1188}})
     assert ensemble == "validation and the training cases' out-of-fold scores (98 + 1188)"
+
+
+def _edit_metrics(run: Path, edit) -> None:
+    path = run / "classify" / "metrics.json"
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    edit(metrics["test"])
+    path.write_text(json.dumps(metrics), encoding="utf-8")
+
+
+def test_an_interrupted_report_leaves_the_earlier_page_whole(full_run, tmp_path, monkeypatch):
+    import pipeline.report.stage as stage
+
+    run = partial(full_run, tmp_path / "run", ("preprocess", "classify"))
+    index = run_report(load_config(None, run=str(run)))
+    before = index.read_text(encoding="utf-8")
+    shown = {i["src"]: (index.parent / i["src"]).read_bytes() for i in outline(index).images}
+    _edit_metrics(run, lambda test: test["at_0.5"].update(threshold=0.4))  # new figures to draw
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, "render", killed)  # after the figures, before the page
+    with pytest.raises(KeyboardInterrupt):
+        run_report(load_config(None, run=str(run)))
+    assert index.read_text(encoding="utf-8") == before
+    assert {src: (index.parent / src).read_bytes() for src in shown} == shown  # and its own figures
+    monkeypatch.undo()
+    page = outline(run_report(load_config(None, run=str(run))))
+    assert {p.name for p in (index.parent / "figures").iterdir()} == {
+        Path(i["src"]).name for i in page.images
+    }
+
+
+def test_a_clinician_reads_the_threshold_the_gaps_and_the_small_counts(full_run, tmp_path):
+    run = partial(full_run, tmp_path / "run", ("preprocess", "classify", "predict"))
+    rows = list(csv.DictReader((run / "classify" / "test_predictions.csv").open()))
+    threshold = float(rows[0]["probability"]) + 1e-5  # a case just below the threshold
+    excluded = next(r for r in csv.DictReader((run / "preprocess" / "cases.csv").open()) if r["label"] == "1")
+
+    def edit(test):
+        test["at_val_threshold"]["threshold"] = threshold
+        test["excluded"] = [excluded["case_id"]]
+        at = test["at_0.5"]
+        at["confusion_matrix"] = [[229, 0], [3, 13]]
+        at["specificity"] = {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0}
+        at["precision"] = {"value": None, "ci_low": None, "ci_high": None}
+
+    _edit_metrics(run, edit)
+    (run / "classify" / "checkpoint.pt").touch()  # trained again after the predictions were made
+    html = run_report(load_config(None, run=str(run))).read_text(encoding="utf-8")
+    digits = decimals_apart([float(r["probability"]) for r in rows], threshold)
+    assert digits >= 5 and f"t = {threshold:.{digits}f}" in html  # decimals enough to tell the case apart
+    assert f"1 test case(s) failed preprocessing and are not scored: {excluded['case_id']} (" in html
+    assert "1.000 [0.984, 1.000]†" in html and "Clopper-Pearson" in html  # 229 of 229, exact interval
+    assert ">undefined<" in html and "denominator is 0" in html
+    assert "classify/checkpoint.pt is newer than these outputs" in html
+
+
+def test_case_ids_in_figures_are_not_read_as_maths():
+    from matplotlib.text import Text
+
+    fig = view_grid([montage_title_row("true positive\nscan_$x^2$_a\np = 0.9")])
+    titles = [t for t in fig.findobj(Text) if "$" in t.get_text()]
+    assert titles and not any(t.get_parse_math() for t in titles)
+
+
+def montage_title_row(title: str):
+    from pipeline.report.plots import ViewRow
+
+    return ViewRow(title, [np.zeros((8, 8))] * 3)

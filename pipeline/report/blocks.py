@@ -7,6 +7,7 @@ or malformed input file omits that part instead of breaking the report.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from pipeline.report.plots import save
+from pipeline.io import atomic_path
+from pipeline.report.plots import png
 
 __all__ = ["Cell", "Details", "Figures", "Image", "Note", "Section", "Table", "cell", "fmt", "guard"]
 
@@ -88,17 +90,32 @@ class Section:
 
 
 class Figures:
-    """Saves figures into the report's ``figures/`` folder and remembers what it wrote."""
+    """Saves figures into the report's ``figures/`` folder and remembers what it wrote.
+
+    A figure's file name carries a hash of its content (``<name>-<hash>.png``), so a new report
+    never overwrites a figure the current page shows: an interrupted report leaves the old page
+    whole, and the old figures go only once the new page is written (``remove_stale``).
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.written: set[str] = set()
 
     def add(self, fig: Figure, name: str, caption: str, alt: str) -> Image:
-        """Save ``fig`` as ``figures/<name>.png``; the block that shows it."""
-        save(fig, self.folder / f"{name}.png")
-        self.written.add(f"{name}.png")
-        return Image(f"figures/{name}.png", caption, alt)
+        """Save ``fig`` as ``figures/<name>-<hash>.png``; the block that shows it."""
+        data = png(fig)
+        file = f"{name}-{hashlib.sha256(data).hexdigest()[:12]}.png"
+        if not (self.folder / file).is_file():
+            with atomic_path(self.folder / file) as tmp:
+                tmp.write_bytes(data)
+        self.written.add(file)
+        return Image(f"figures/{file}", caption, alt)
+
+    def remove_stale(self) -> None:
+        """Delete the figures of earlier reports (call once the new page is written)."""
+        for stale in self.folder.glob("*.png"):
+            if stale.name not in self.written:
+                stale.unlink()
 
 
 def guard(blocks: list, what: str, build: Callable[[], list]) -> None:
@@ -132,6 +149,15 @@ def fmt(value: object, digits: int = 3) -> str:
     if number is None:
         return str(value)
     return str(number) if isinstance(number, int) else f"{number:.{digits}f}"
+
+
+def decimals_apart(probabilities: Sequence[float], threshold: float) -> int:
+    """Decimals (3 at least) at which every probability differs from the threshold it was compared
+    with, unless it equals it: so a case called positive never reads the same as the threshold."""
+    for digits in range(3, 17):
+        if all(p == threshold or round(p, digits) != round(threshold, digits) for p in probabilities):
+            return digits
+    return 17
 
 
 def cell(value: object, digits: int = 3, href: str | None = None) -> Cell:

@@ -8,20 +8,29 @@ as given with the run's own strategy highlighted.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
 
 from pipeline.config import ViewsConfig
 from pipeline.preprocess.cache import VIEW_NAMES, load_entry
 from pipeline.preprocess.views import PROJECTION_CHANNELS
 from pipeline.report import plots
-from pipeline.report.blocks import Cell, Figures, Note, Section, Table, cell, guard
+from pipeline.report.blocks import Cell, Figures, Note, Section, Table, cell, decimals_apart, guard
 from pipeline.report.curves import training_curves
 from pipeline.report.inputs import RunFolder
 
-__all__ = ["DEFINITIONS", "METRIC_LABELS", "classifier_section", "montage_picks", "montage_row"]
+__all__ = [
+    "DEFINITIONS",
+    "METRIC_LABELS",
+    "classifier_section",
+    "montage_picks",
+    "montage_row",
+    "threshold_digits",
+]
 
 METRIC_LABELS = {
     "sensitivity": "Sensitivity (recall)",
@@ -51,7 +60,11 @@ DEFINITIONS = [
         "(TP + TN) / N. Misleading with imbalanced classes: calling every case negative in a "
         "cohort with 20% positives scores 0.80. Read sensitivity, precision and F1 first.",
     ),
-    ("95% CI", "percentile bootstrap over test cases with the threshold held fixed."),
+    (
+        "95% CI",
+        "percentile bootstrap over test cases with the threshold held fixed; where that has no width "
+        "(a proportion of 0 or 1), the exact Clopper-Pearson interval of the counts (marked †).",
+    ),
 ]
 CATEGORIES = {  # (label, prediction) → title, colour; the most confident examples are shown
     "TP": ((1, 1), "true positive", plots.COLORS[2]),
@@ -60,30 +73,90 @@ CATEGORIES = {  # (label, prediction) → title, colour; the most confident exam
 }
 
 
-def _with_ci(metric: dict[str, float]) -> Cell:
+# the metrics that are one count over another in the confusion matrix [[TN, FP], [FN, TP]]
+PROPORTIONS = {
+    "sensitivity": lambda tn, fp, fn, tp: (tp, tp + fn),
+    "specificity": lambda tn, fp, fn, tp: (tn, tn + fp),
+    "precision": lambda tn, fp, fn, tp: (tp, tp + fp),
+    "accuracy": lambda tn, fp, fn, tp: (tp + tn, tn + fp + fn + tp),
+}
+EXACT_MARK = "†"
+
+
+def _with_ci(name: str, at: dict[str, Any]) -> Cell:
+    """A metric with its bootstrap CI; where that has no width (a proportion of 0 or 1, or very few
+    cases, where resampling cannot vary it) the exact Clopper-Pearson interval of its counts instead."""
+    metric = at[name]
     value, low, high = (metric.get(k) for k in ("value", "ci_low", "ci_high"))
+    if value is None or not math.isfinite(float(value)):
+        return Cell("undefined", cls="num")
+    if low is not None and low == high and name in PROPORTIONS and "confusion_matrix" in at:
+        k, n = PROPORTIONS[name](*np.ravel(at["confusion_matrix"]).tolist())
+        if n > 0:
+            interval = binomtest(int(k), int(n)).proportion_ci(0.95, method="exact")
+            return Cell(
+                f"{cell(value).text} [{cell(interval.low).text}, {cell(interval.high).text}]{EXACT_MARK}",
+                cls="num",
+            )
     ci = f" [{cell(low).text}, {cell(high).text}]" if low is not None else ""
     return Cell(f"{cell(value).text}{ci}", cls="num")
 
 
-def _metrics_table(metrics: dict[str, Any]) -> list:
+def threshold_digits(run: RunFolder, metrics: dict[str, Any]) -> int:
+    """Decimals to show the chosen threshold and test probabilities with, so that no test case's
+    probability reads the same as the threshold it was called against (3 at least)."""
+    at = metrics.get("test", {}).get("at_val_threshold", {})
+    if "threshold" not in at or not run.has("classify/test_predictions.csv"):
+        return 3
+    scores = [float(v) for v in run.columns("classify/test_predictions.csv").get("probability", [])]
+    return decimals_apart(scores, float(at["threshold"]))
+
+
+def _excluded_note(run: RunFolder, excluded: list[str], classes: list[str]) -> str:
+    """The test cases that failed preprocessing, with their labels: the metrics leave them out."""
+    if not excluded:
+        return ""
+    labels = {r["case_id"]: r.get("label", "") for r in run.csv("preprocess/cases.csv")}
+    named = [
+        f"{cid} ({classes[int(labels[cid])]})"
+        if labels.get(cid, "").isdigit() and int(labels[cid]) < len(classes)
+        else cid
+        for cid in excluded
+    ]
+    return (
+        f" {len(excluded)} test case(s) failed preprocessing and are not scored: {', '.join(named)} "
+        "(the preprocess ledger says why)."
+    )
+
+
+def _metrics_table(run: RunFolder, metrics: dict[str, Any], digits: int) -> list:
     test = metrics["test"]
     columns = {k: test[k] for k in ("at_val_threshold", "at_0.5") if k in test}
     header = ["metric"] + [
-        f"{'chosen' if k == 'at_val_threshold' else 'default'} threshold t = {v['threshold']:.3f}"
+        f"{'chosen' if k == 'at_val_threshold' else 'default'} threshold t = {v['threshold']:.{digits}f}"
         for k, v in columns.items()
     ]
     names = [m for m in METRIC_LABELS if any(m in v for v in columns.values())]
     body = [
-        [Cell(METRIC_LABELS[m]), *(_with_ci(v[m]) if m in v else Cell("–") for v in columns.values())]
+        [Cell(METRIC_LABELS[m]), *(_with_ci(m, v) if m in v else Cell("–") for v in columns.values())]
         for m in names
+    ]
+    shown = " ".join(c.text for row in body for c in row)
+    remarks = [
+        f" {EXACT_MARK} An exact (Clopper-Pearson) 95% interval of the counts: the bootstrap's has no "
+        "width at a proportion of 0 or 1."
+        if EXACT_MARK in shown
+        else "",
+        " Undefined: the metric's denominator is 0 (e.g. precision with no positive call)."
+        if "undefined" in shown
+        else "",
     ]
     classes = metrics.get("classes", ["negative", "positive"])
     note = (
         f"Test split: {test.get('n', '?')} cases, {test.get('positives', '?')} positive "
         f"(positive class: {classes[-1]}). Threshold chosen on {chosen_on(metrics)} by "
         f"{metrics.get('threshold_method', '?')}; values with 95% bootstrap CI ({metrics.get('n_boot', '?')} "
-        "resamples)."
+        "resamples)." + _excluded_note(run, test.get("excluded") or [], classes) + "".join(remarks)
     )
     return [
         Table(
@@ -107,12 +180,12 @@ def chosen_on(metrics: dict[str, Any]) -> str:
     return "validation"
 
 
-def _confusion(metrics: dict[str, Any], figures: Figures) -> list:
+def _confusion(metrics: dict[str, Any], figures: Figures, digits: int) -> list:
     test = metrics["test"]
     matrices = {
-        f"{'chosen' if k == 'at_val_threshold' else 'default'} t = {test[k]['threshold']:.3f}": test[k][
-            "confusion_matrix"
-        ]
+        f"{'chosen' if k == 'at_val_threshold' else 'default'} t = {test[k]['threshold']:.{digits}f}": test[
+            k
+        ]["confusion_matrix"]
         for k in ("at_val_threshold", "at_0.5")
         if k in test
     }
@@ -179,7 +252,7 @@ def montage_row(
     return plots.ViewRow(title, [views[v, c] for v in range(min(len(views), len(VIEW_NAMES)))], color=color)
 
 
-def _montage(run: RunFolder, figures: Figures) -> list:
+def _montage(run: RunFolder, figures: Figures, digits: int) -> list:
     pred = run.csv("classify/test_predictions.csv")
     cache = {r["case_id"]: r["cache"] for r in run.csv("preprocess/cases.csv") if r.get("cache")}
     params = run.json("preprocess/params.json").get("preprocess", {})
@@ -197,7 +270,7 @@ def _montage(run: RunFolder, figures: Figures) -> list:
     rows = [
         montage_row(
             run.path(f"preprocess/{cache[r['case_id']]}"),
-            f"{CATEGORIES[k][1]}\n{r['case_id']}\np = {float(r['probability']):.3f}",
+            f"{CATEGORIES[k][1]}\n{r['case_id']}\np = {float(r['probability']):.{digits}f}",
             channel,
             CATEGORIES[k][2],
             views.blocks,
@@ -244,17 +317,19 @@ def classifier_section(run: RunFolder, figures: Figures) -> Section:
             run, figures, "classify", {"val_auc": "val AUC", "val_balanced_accuracy": "val balanced accuracy"}
         ),
     )
+    digits = 3
     try:
         metrics = run.json("classify/metrics.json")
     except (OSError, ValueError) as exc:
         blocks.append(Note(f"Test metrics, confusion matrix, ROC/PR and calibration omitted: {exc}"))
     else:
         section.lead = f"Positive class: {metrics.get('classes', ['', '?'])[-1]}."
-        guard(blocks, "Metrics table", lambda: _metrics_table(metrics))
-        guard(blocks, "Confusion matrix", lambda: _confusion(metrics, figures))
+        digits = threshold_digits(run, metrics)
+        guard(blocks, "Metrics table", lambda: _metrics_table(run, metrics, digits))
+        guard(blocks, "Confusion matrix", lambda: _confusion(metrics, figures, digits))
         guard(blocks, "Calibration curve", lambda: _calibration(run, figures))
         guard(blocks, "ROC and precision-recall curves", lambda: _roc_pr(run, metrics, figures))
-    guard(blocks, "Three-view montage", lambda: _montage(run, figures))
+    guard(blocks, "Three-view montage", lambda: _montage(run, figures, digits))
     if run.has("classify/balance_comparison.csv"):
         guard(blocks, "Balancing comparison", lambda: _balance_comparison(run))
     return section

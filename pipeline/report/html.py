@@ -21,12 +21,12 @@ def _card(label: str, metric: dict[str, Any] | None, sub: str, key: bool = False
     return {"label": label, "value": fmt(value), "sub": sub, "key": key}
 
 
-def headline_cards(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+def headline_cards(metrics: dict[str, Any], threshold_digits: int = 3) -> list[dict[str, Any]]:
     """Headline numbers: test AUC, sensitivity, precision, F1 (chosen threshold), Dice and HD95."""
     cards = []
     at = metrics.get("classify", {}).get("test", {}).get("at_val_threshold", {})
     if at:
-        t = f"test, t = {fmt(at.get('threshold'))}"
+        t = f"test, t = {fmt(at.get('threshold'), threshold_digits)}"
         cards += [
             _card("Sensitivity", at.get("sensitivity"), t, key=True),
             _card("Precision", at.get("precision"), t, key=True),
@@ -49,7 +49,7 @@ def _hd95_sub(seg: dict[str, Any]) -> str:
     return "test mean"
 
 
-def render(sections: list[Section], metrics: dict[str, Any], **page: Any) -> str:
+def render(sections: list[Section], metrics: dict[str, Any], threshold_digits: int = 3, **page: Any) -> str:
     """The HTML page: ``page`` gives run_name, generated, run_dir and version."""
     env = Environment(
         loader=FileSystemLoader(TEMPLATES),
@@ -58,4 +58,4 @@ def render(sections: list[Section], metrics: dict[str, Any], **page: Any) -> str
         keep_trailing_newline=True,
     )
     template = env.get_template("report.html.j2")
-    return template.render(sections=sections, cards=headline_cards(metrics), **page)
+    return template.render(sections=sections, cards=headline_cards(metrics, threshold_digits), **page)

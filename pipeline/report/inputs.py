@@ -34,7 +34,11 @@ class RunFolder:
         return self.path(rel).read_text(encoding="utf-8")
 
     def json(self, rel: str) -> Any:
-        return json.loads(self.text(rel))
+        """A JSON file's content; a damaged file is a ValueError naming it."""
+        try:
+            return json.loads(self.text(rel))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{self.root.name}/{rel} is not valid JSON ({exc})") from None
 
     def csv(self, rel: str) -> list[dict[str, str]]:
         """The rows of a CSV file as dicts; a file with a header only gives an empty list."""

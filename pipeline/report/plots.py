@@ -1,20 +1,22 @@
 """The report's figures: one function per figure, one style, matplotlib's object API (Agg).
 
 Every function returns a ``matplotlib.figure.Figure`` (no pyplot state, so figures are safe to make
-from any thread and are garbage-collected); ``save`` writes one as a PNG atomically. Colours come
-from the Okabe-Ito palette, which stays distinguishable for colour-blind readers.
+from any thread and are garbage-collected); ``png`` renders one as PNG bytes, which
+``blocks.Figures`` saves. Colours come from the Okabe-Ito palette, which stays distinguishable for
+colour-blind readers.
 
 Example:
     >>> fig = training_curves([0, 1], [0.7, 0.5], {"val AUC": [0.6, 0.8]}, [1e-3, 5e-4], best_epoch=1)
-    >>> save(fig, "figures/classify_curves.png")                           # doctest: +SKIP
+    >>> png(fig)[:4]
+    b'\\x89PNG'
 """
 
 from __future__ import annotations
 
 import functools
+import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ParamSpec
 
 import matplotlib as mpl
@@ -22,8 +24,6 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import auc, precision_recall_curve, roc_curve
-
-from pipeline.io import atomic_path
 
 __all__ = [
     "COLORS",
@@ -33,8 +33,8 @@ __all__ = [
     "class_balance",
     "confusion_matrices",
     "distribution",
+    "png",
     "roc_pr",
-    "save",
     "training_curves",
     "view_grid",
 ]
@@ -70,6 +70,7 @@ STYLE = {
     "legend.fontsize": 8,
     "figure.dpi": 110,
     "savefig.dpi": 110,
+    "text.parse_math": False,  # a case id such as scan_$x^2$ is shown as it is, not as maths
 }
 P = ParamSpec("P")
 WIDTH = 10.0  # inches: 1100 px at 110 dpi, the page's content width
@@ -79,11 +80,11 @@ def _figure(height: float, width: float = WIDTH) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def save(fig: Figure, path: str | Path) -> Path:
-    """Write the figure as a PNG (atomically) and return the path."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=STYLE["savefig.dpi"], facecolor="white")
-    return Path(path)
+def png(fig: Figure) -> bytes:
+    """The figure as PNG bytes, at the report's resolution."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=STYLE["savefig.dpi"], facecolor="white")
+    return buffer.getvalue()
 
 
 def _styled(fn: Callable[P, Figure]) -> Callable[P, Figure]:

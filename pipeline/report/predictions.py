@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from urllib.parse import quote
 
-from pipeline.report.blocks import Cell, Note, Section, Table, cell, guard
+from pipeline.report.blocks import Cell, Note, Section, Table, cell, decimals_apart, guard
 from pipeline.report.classifier import chosen_on
 from pipeline.report.inputs import RunFolder
 
@@ -38,15 +38,6 @@ def _rows(folder: Path, name: str) -> dict[str, dict[str, str]]:
     return {r["case_id"]: r for r in RunFolder(folder).csv(name)}
 
 
-def _digits(probabilities: list[float], threshold: float) -> int:
-    """Decimals (3 at least) at which every probability differs from the threshold it was compared
-    with, unless it equals it."""
-    for digits in range(3, 17):
-        if all(p == threshold or round(p, digits) != round(threshold, digits) for p in probabilities):
-            return digits
-    return 17
-
-
 def _threshold_note(run: RunFolder, threshold: float, digits: int) -> str:
     """Where the predictions' threshold came from: the run's evaluation, the default, or neither."""
     shown = f"prediction at threshold {threshold:.{digits}f}"
@@ -68,7 +59,7 @@ def _table(run: RunFolder, folder: Path, report_dir: Path, rel: str) -> Table:
     classes, volumes = _rows(folder, "predictions.csv"), _rows(folder, "volumes.csv")
     threshold = next((float(r["threshold"]) for r in classes.values() if r.get("threshold")), None)
     scores = [float(r["probability"]) for r in classes.values() if r.get("probability")]
-    digits = _digits(scores, threshold) if threshold is not None else 3
+    digits = decimals_apart(scores, threshold) if threshold is not None else 3
     header = ["case"]
     if classes:
         header += ["probability", "prediction"]
@@ -93,8 +84,29 @@ def _table(run: RunFolder, folder: Path, report_dir: Path, rel: str) -> Table:
         if status == "error":
             failed.add(i)
         body.append(row)
-    note = _threshold_note(run, threshold, digits) if threshold is not None else ""
-    return Table(f"Per-case outputs: {rel}", header, body, muted=failed, note=note)
+    notes = [
+        _threshold_note(run, threshold, digits) if threshold is not None else "",
+        _retrained_note(run, folder),
+    ]
+    return Table(
+        f"Per-case outputs: {rel}", header, body, muted=failed, note=". ".join(n for n in notes if n)
+    )
+
+
+def _retrained_note(run: RunFolder, folder: Path) -> str:
+    """A warning if the run's model of a task was trained again after this folder's outputs of it."""
+    stale = [
+        task
+        for task, output in (("classify", "predictions.csv"), ("segment", "volumes.csv"))
+        if (folder / output).is_file()
+        and run.has(f"{task}/checkpoint.pt")
+        and run.path(f"{task}/checkpoint.pt").stat().st_mtime > (folder / output).stat().st_mtime
+    ]
+    return " ".join(
+        f"Warning: {run.root.name}/{task}/checkpoint.pt is newer than these outputs, which may come from "
+        f"a model it replaced: rerun medpipe predict {task}."
+        for task in stale
+    )
 
 
 def predictions_section(run: RunFolder, report_dir: Path) -> Section:

@@ -169,7 +169,9 @@ def _volumes(run: RunFolder) -> list:
         "volume error (%)",
     ]
     note = (
-        "Predicted total = reference total × (1 + relative volume error); both measured on the scan's grid."
+        "Predicted total = reference total × (1 + relative volume error); both measured on the scan's "
+        "grid, with its voxel spacing (1.0 mm where the source did not record it: a single slice's "
+        "volume is then that of a 1 mm slab)."
     )
     return [Table("Lung volumes, test split", header, body, note=note)]
 

@@ -2,7 +2,8 @@
 
 Each section reads what the stages left in the run folder; a missing file or key omits that part
 with a one-line note. ``metrics.json`` gathers the stage metrics files unchanged
-(``{"classify": RUN/classify/metrics.json, "segment": RUN/segment/metrics.json}``). Every link is
+(``{"classify": RUN/classify/metrics.json, "segment": RUN/segment/metrics.json}``) and, under
+``notes``, the page's notes (the parts it left out, and why). Every link is
 relative, so the report folder (with the run folder, for the mask links) can be zipped and mailed.
 
 Example:
@@ -22,8 +23,8 @@ from pipeline import __version__
 from pipeline.config import Config
 from pipeline.folder_lock import folder_lock
 from pipeline.io import atomic_path, write_json
-from pipeline.report.blocks import Figures
-from pipeline.report.classifier import classifier_section
+from pipeline.report.blocks import Figures, Note
+from pipeline.report.classifier import classifier_section, threshold_digits
 from pipeline.report.html import render
 from pipeline.report.inputs import RunFolder
 from pipeline.report.predictions import predictions_section
@@ -73,18 +74,18 @@ def run_report(config: Config) -> Path:
             segmentation_section(run, figures),
             predictions_section(run, out),
         ]
-        for stale in figures.folder.glob("*.png"):
-            if stale.name not in figures.written:
-                stale.unlink()
         metrics = stage_metrics(run)
         page = render(
             sections,
             metrics,
+            threshold_digits(run, metrics.get("classify", {})),
             run_name=_run_name(run, config),
             generated=datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             run_dir=str(run.root.resolve()),
             version=__version__,
         )
-        write_json(out / "metrics.json", {"run": _run_name(run, config), **metrics})
+        notes = [b.text for section in sections for b in section.blocks if isinstance(b, Note)]
+        write_json(out / "metrics.json", {"run": _run_name(run, config), **metrics, "notes": notes})
         _write(out / "index.html", page)
+        figures.remove_stale()
         return out / "index.html"
