@@ -203,6 +203,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", default="slab", choices=["slice", "slab", "mean", "max", "projections"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-balance-table", action="store_true")
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        choices=list(STRATEGIES),
+        default=list(STRATEGIES),
+        help="balancing table rows",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="classify_adrenal_"))
@@ -236,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nBalancing strategies (seed {args.seeds[0]}; at the val threshold and at 0.5)")
     print("| strategy | bal. ACC | sensitivity | bal. ACC @0.5 | sensitivity @0.5 | AUC |")
     print("|---|---|---|---|---|---|")
-    for strategy in STRATEGIES:
+    for strategy in args.strategies:
         r = train_and_test(
             config(f"balance_{strategy}", **{"classify.balance": strategy, "classify.seed": args.seeds[0]}),
             prep,

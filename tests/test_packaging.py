@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_docker_image_installs_the_pinned_torch():
-    (pin,) = re.findall(r'"torch==([^"]+)"', (ROOT / "pyproject.toml").read_text())
-    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    (pin,) = re.findall(r'"torch==([^"]+)"', (ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text(encoding="utf-8")
     assert re.search(r"^ARG TORCH_VERSION=(\S+)$", dockerfile, re.M).group(1) == pin
 
 
@@ -22,7 +22,7 @@ def _documented_keys() -> set[str]:
     """Every `section.key` (optionally `: value`) named in the READMEs."""
     docs = [ROOT / "README.md", ROOT / "data_manifests" / "README.md", ROOT / "docker" / "README.md"]
     pattern = rf"`((?:{'|'.join(SECTIONS)})\.[a-z_]+)(?::[^`]*)?`"
-    return {key for doc in docs for key in re.findall(pattern, doc.read_text())}
+    return {key for doc in docs for key in re.findall(pattern, doc.read_text(encoding="utf-8"))}
 
 
 def test_every_config_key_the_readmes_name_exists():
