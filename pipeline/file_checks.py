@@ -20,13 +20,27 @@ from nibabel.openers import ImageOpener
 from pipeline.errors import VolumeError
 
 __all__ = [
-    "check_meta_data_file",
+    "INFLATE_STEP",
+    "MAX_TRAILING",
+    "check_detached_data",
     "check_nifti_data",
     "check_nifti_header",
     "gzip_problem",
     "is_gzip",
     "nifti_nonfinite",
+    "trailing_problem",
 ]
+
+
+MAX_DEFLATE_RATIO = 1032  # the most deflate can pack: a few bytes per 258-byte match of 32 KiB runs
+INFLATE_STEP = 1 << 22  # at most this many inflated bytes per decompress call
+MAX_TRAILING = 64 << 20  # inflated bytes after a NIfTI's voxels before the file counts as a bomb
+PLAUSIBLE_PIXDIM = (1e-4, 1e5)  # mm from 0.1 um to 100 m, also in the header's own units (um or m)
+
+
+def trailing_problem() -> str:
+    """The reason for refusing a .nii.gz with a huge tail: a decompression bomb, or not one image."""
+    return f"more than {MAX_TRAILING >> 20} MiB of data after the voxels the header promises"
 
 
 def raw_nifti_header(path: Path) -> nib.Nifti1Header | None:
@@ -63,7 +77,12 @@ def gzip_problem(path: Path, expected: int | None) -> str | None:
         try:
             while chunk := fh.read(1 << 20):
                 while chunk:
-                    total += len(decoder.decompress(chunk))
+                    total += len(decoder.decompress(chunk, INFLATE_STEP))  # bounded memory per step
+                    if expected is not None and total > expected + MAX_TRAILING:
+                        return trailing_problem()
+                    if decoder.unconsumed_tail:
+                        chunk = decoder.unconsumed_tail
+                        continue
                     chunk = decoder.unused_data if decoder.eof else b""
                     if chunk:  # a further gzip member
                         decoder = zlib.decompressobj(wbits=31)
@@ -77,13 +96,42 @@ def gzip_problem(path: Path, expected: int | None) -> str | None:
 
 
 def check_nifti_header(path: Path) -> None:
-    """A NIfTI header, read once: its stored spacing must be finite and positive, and its qform and
-    sform, where both are set, must agree (``_check_transforms``)."""
+    """A NIfTI header, read once: its stored spacing must be finite, positive and plausible, its
+    qform and sform, where both are set, must agree (``_check_transforms``), and the file must be
+    able to hold the voxels it promises (``_check_capacity``)."""
     header = raw_nifti_header(path)
     if header is None:
         return  # not a NIfTI header after all: ITK gives the error
     _check_spacing(path, header)
     _check_transforms(path, header)
+    _check_capacity(path, header)
+
+
+def _promised_bytes(header: nib.Nifti1Header) -> int | None:
+    """vox_offset plus the voxel bytes the header's dims promise (None if the dims are not sane)."""
+    ndim = int(header["dim"][0])
+    dims = [int(d) for d in header["dim"][1 : 1 + ndim]] if 0 < ndim <= 7 else []
+    if not dims or min(dims) < 1:
+        return None  # check_header reports the size
+    return int(header["vox_offset"]) + int(np.prod(dims, dtype=np.int64)) * int(header["bitpix"]) // 8
+
+
+def _check_capacity(path: Path, header: nib.Nifti1Header) -> None:
+    """Refuse, before anything is allocated, a .nii.gz too small to hold what its header promises
+    (deflate packs at most about 1032:1, so a few hundred bytes cannot hold 2 GB of voxels), and a
+    single-file NIfTI whose voxels would start inside its own header."""
+    promised = _promised_bytes(header)
+    if promised is None:
+        return
+    single_file = path.name.lower().endswith((".nii", ".nii.gz"))
+    if single_file and int(header["vox_offset"]) < header.sizeof_hdr + 4:
+        raise VolumeError(path, f"vox_offset {int(header['vox_offset'])} puts the voxels inside the header")
+    size = path.stat().st_size
+    if is_gzip(path) and promised > size * MAX_DEFLATE_RATIO:
+        raise VolumeError(
+            path,
+            f"the header promises {promised:,} bytes, more than this {size:,}-byte gzip file can hold",
+        )
 
 
 def _check_spacing(path: Path, header: nib.Nifti1Header) -> None:
@@ -92,6 +140,11 @@ def _check_spacing(path: Path, header: nib.Nifti1Header) -> None:
     used = np.asarray(header["dim"][1 : 1 + n]) > 1  # a one-voxel axis has no meaningful spacing
     if not np.all(np.isfinite(pixdim[used])) or np.any(pixdim[used] <= 0):
         raise VolumeError(path, f"spacing (pixdim) {tuple(pixdim.tolist())} is not finite and positive")
+    low, high = PLAUSIBLE_PIXDIM
+    if np.any((pixdim[used] < low) | (pixdim[used] > high)):
+        raise VolumeError(
+            path, f"spacing (pixdim) {tuple(pixdim.tolist())} is outside {low:g}..{high:g} (in its own units)"
+        )
 
 
 def _check_transforms(path: Path, header: nib.Nifti1Header, tolerance_mm: float = 0.1) -> None:
@@ -118,11 +171,9 @@ def check_nifti_data(path: Path) -> None:
     header = raw_nifti_header(path)
     if header is None:
         return
-    ndim = int(header["dim"][0])
-    dims = [int(d) for d in header["dim"][1 : 1 + ndim]] if 0 < ndim <= 7 else []
-    if not dims or min(dims) < 1:
-        return  # check_header reports the size
-    expected = int(header["vox_offset"]) + int(np.prod(dims, dtype=np.int64)) * int(header["bitpix"]) // 8
+    expected = _promised_bytes(header)
+    if expected is None:
+        return
     if is_gzip(path):
         problem = gzip_problem(path, expected)
         if problem:
@@ -131,21 +182,46 @@ def check_nifti_data(path: Path) -> None:
         raise VolumeError(path, f"truncated data ({path.stat().st_size:,} of {expected:,} bytes)")
 
 
-def check_meta_data_file(path: Path) -> None:
-    """A .mhd header's separate data file must exist."""
+def _header_lines(path: Path) -> list[str]:
+    """The text lines at the start of a MetaImage or NRRD header (its first 64 KiB)."""
     try:
         with path.open("rb") as fh:
-            lines = fh.read(1 << 16).decode("latin-1").splitlines()
+            return fh.read(1 << 16).decode("latin-1").splitlines()
     except OSError:
-        return
-    for line in lines:
-        key, _, value = line.partition("=")
-        if key.strip() == "ElementDataFile":
+        return []
+
+
+def _detached_file(path: Path, name: str, key: str) -> None:
+    """A header's separate data file must be a regular file in the header's own folder (or below
+    it): not a device such as /dev/zero, and not a file elsewhere on the machine."""
+    if "%" in name:
+        raise VolumeError(
+            path, f"{key} {name!r} is a file-name pattern, which is not read; store the voxels in one file"
+        )
+    folder = path.parent.resolve()
+    data = (folder / name).resolve()
+    if not data.is_relative_to(folder):
+        raise VolumeError(path, f"{key} {name!r} lies outside the header's folder")
+    if not data.exists():
+        raise VolumeError(path, f"data file {name} not found (named by {key})")
+    if not data.is_file():
+        raise VolumeError(path, f"{key} {name!r} is not a regular file")
+
+
+def check_detached_data(path: Path) -> None:
+    """The data files a MetaImage (``ElementDataFile``) or NRRD (``data file``) header names: ITK
+    would read any path, a device, or a pattern it may crash on; see ``_detached_file``."""
+    lines = _header_lines(path)
+    metaimage = path.name.lower().endswith((".mhd", ".mha"))
+    for i, line in enumerate(lines):
+        if not metaimage and i and not line.strip():
+            return  # NRRD: its fields end at the first blank line
+        key, _, value = line.partition("=" if metaimage else ":")
+        if key.strip().lower() in (("elementdatafile",) if metaimage else ("data file", "datafile")):
             name = value.strip()
-            if name and name not in ("LOCAL", "LIST") and "%" not in name and " " not in name:
-                data = path.parent / name
-                if not data.is_file():
-                    raise VolumeError(path, f"data file {name} not found (named by ElementDataFile)")
+            names = [n.strip() for n in lines[i + 1 :] if n.strip()] if name.startswith("LIST") else [name]
+            for each in names if name != "LOCAL" else []:
+                _detached_file(path, each, key.strip())
             return
 
 

@@ -186,8 +186,8 @@ def read_header(path: str | os.PathLike, series_uid: str | None = None) -> Heade
         )
     if not files and is_nifti(path):
         file_checks.check_nifti_header(path)
-    elif not files and path.name.lower().endswith(".mhd"):
-        file_checks.check_meta_data_file(path)
+    elif not files and path.name.lower().endswith((".mhd", ".mha", ".nhdr", ".nrrd")):
+        file_checks.check_detached_data(path)
     size = tuple(int(s) for s in reader.GetSize())
     spacing = tuple(float(s) for s in reader.GetSpacing())
     if files:  # one file per slice: the header of the first file is 2D or a one-slice 3D

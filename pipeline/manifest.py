@@ -20,7 +20,9 @@ from __future__ import annotations
 import csv
 import io
 import os
+import stat
 import sys
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -153,12 +155,24 @@ def _label_text(value: str) -> str:
     return value
 
 
+MAX_CASE_ID_BYTES = 200  # leaves room in a 255-byte file name for suffixes and temporary marks
+FORMULA_STARTS = ("=", "+", "-", "@")  # a spreadsheet runs such a cell as a formula
+
+
 def _case_id_problem(cid: str) -> str | None:
-    """Why a case id cannot name output files (``masks/<case_id>.nii.gz``), or None."""
+    """Why a case id cannot name output files (``masks/<case_id>.nii.gz``) and table rows, or None."""
     if not cid:
         return "empty case_id"
     if "/" in cid or "\\" in cid or cid in (".", ".."):
         return f"case_id {cid!r} is not a plain file name (it names the case's output files)"
+    if any(unicodedata.category(ch) in ("Cc", "Cf") for ch in cid):
+        return f"case_id {cid!r} holds a control or invisible character"
+    if cid.startswith("."):
+        return f"case_id {cid!r} starts with '.', which would hide its output files"
+    if cid.startswith(FORMULA_STARTS):
+        return f"case_id {cid!r} starts with {cid[0]!r}, which a spreadsheet runs as a formula"
+    if (size := len(cid.encode("utf-8"))) > MAX_CASE_ID_BYTES:
+        return f"case_id of {size} bytes is too long to name files (at most {MAX_CASE_ID_BYTES})"
     return None
 
 
@@ -194,15 +208,16 @@ def read_manifest(path: str | Path, classes: list[str] | None = None, allow_outs
         rows.append(({k.strip(): (v or "").strip() for k, v in row.items() if k}, reader.line_num))
     if not rows:
         raise ManifestError(path, ["no rows"])
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[str, int]] = {}  # by casefold: output files of "A" and "a" collide on SMB/NTFS
     for row, line in rows:
         cid = row["case_id"]
         if (problem := _case_id_problem(cid)) is not None:
             fatal.append(f"line {line}: {problem}")
-        elif cid in seen:
-            fatal.append(f"line {line}: duplicate case_id {cid!r} (first on line {seen[cid]})")
+        elif (first := seen.get(cid.casefold())) is not None:
+            alike = "" if first[0] == cid else f", {first[0]!r}, which differs only in case"
+            fatal.append(f"line {line}: duplicate case_id {cid!r} (first on line {first[1]}{alike})")
         else:
-            seen[cid] = line
+            seen[cid.casefold()] = (cid, line)
     if fatal:
         raise ManifestError(path, fatal)
 
@@ -307,16 +322,17 @@ def _separate_repeats(cases: list[Case]) -> list[Case]:
     ]
 
 
-def _folders(root: Path) -> list[Path]:
+def _folders(root: Path) -> tuple[list[Path], list[OSError]]:
     """``root`` and the folders below it, then those behind symbolic links in it, each real folder
     once and hidden ones (``.snapshot``, ``.git``) left out: a scan reached twice would be two
-    cases, perhaps in two splits."""
+    cases, perhaps in two splits. Also the errors of folders that could not be listed."""
     seen: set[str] = set()
     found: list[Path] = []
+    unreadable: list[OSError] = []
 
     def walk(top: Path, follow: bool) -> list[Path]:
         links = []
-        for directory, subdirs, _ in os.walk(top, followlinks=follow):
+        for directory, subdirs, _ in os.walk(top, onerror=unreadable.append, followlinks=follow):
             real = os.path.realpath(directory)
             if real in seen:  # a loop, or a second way in
                 subdirs[:] = []
@@ -331,7 +347,21 @@ def _folders(root: Path) -> list[Path]:
 
     for link in walk(root, follow=False):
         walk(link, follow=True)
-    return sorted(found)
+    return sorted(found), unreadable
+
+
+def _entry_problem(path: Path) -> str | None:
+    """Why a folder entry cannot be a scan (None for a regular file or a folder): a broken or
+    unreadable link, or a FIFO, socket or device, which a reader would block on or read forever."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return f"{path}: a broken symbolic link (its target {os.readlink(path)} is gone)"
+    except OSError as exc:
+        return f"{path}: cannot be read ({exc.strerror or exc})"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return f"{path}: not a regular file (a FIFO, socket or device)"
 
 
 def _file_case_id(path: Path, root: Path) -> str:
@@ -353,18 +383,34 @@ def discover_folder(folder: str | Path) -> CaseSet:
     if not root.is_dir():
         raise ManifestError(root, ["input folder not found"])
     cases: list[Case] = []
-    for directory in _folders(root):
-        leftovers = []
+    folders, unreadable = _folders(root)
+    for error in unreadable:
+        path = Path(error.filename)
+        cases.append(
+            Case(
+                _file_case_id(path, root), path, problem=f"{path}: folder cannot be listed ({error.strerror})"
+            )
+        )
+    for directory in folders:
+        leftovers, special = [], False
         entries = sorted(p for p in directory.iterdir() if not p.name.startswith("."))
-        for path in (p for p in entries if p.is_symlink() and not p.exists()):
-            problem = f"{path}: a broken symbolic link (its target {os.readlink(path)} is gone)"
-            cases.append(Case(_file_case_id(path, root), path, problem=problem))
-        for path in (p for p in entries if p.is_file()):
-            if _image_stem(path) is not None:
+        for path in entries:
+            if (problem := _entry_problem(path)) is not None:
+                special |= "regular file" in problem
+                cases.append(Case(_file_case_id(path, root), path, problem=problem))
+            elif not path.is_file():
+                continue
+            elif _image_stem(path) is not None:
                 cases.append(Case(_file_case_id(path, root), path))
             elif path.suffix.lower() not in SIDE_FILES:
                 leftovers.append(path)
         if not leftovers:
+            continue
+        if special:  # GDCM's series scan would open the FIFO or device too
+            problem = (
+                "not read: its folder also holds a FIFO, socket or device, which a DICOM scan cannot pass"
+            )
+            cases += [Case(_file_case_id(p, root), p, problem=f"{p}: {problem}") for p in leftovers]
             continue
         series = _dicom_cases(directory, root)
         cases += series
@@ -377,6 +423,12 @@ def discover_folder(folder: str | Path) -> CaseSet:
             if path.resolve() not in in_series:
                 problem = f"{path}: not a recognised image file or DICOM series"
                 cases.append(Case(_file_case_id(path, root), path, problem=problem))
+    cases = [
+        replace(c, problem=f"{c.image}: {problem}")
+        if c.problem is None and (problem := _case_id_problem(c.case_id)) is not None
+        else c
+        for c in cases
+    ]
     cases = _separate_clashes(_separate_repeats(cases), root)
     counts = Counter(c.case_id for c in cases)
     duplicated = sorted(cid for cid, n in counts.items() if n > 1)

@@ -24,11 +24,12 @@ import SimpleITK as sitk
 from isal import igzip, isal_zlib
 
 from pipeline.errors import VolumeError
+from pipeline.file_checks import INFLATE_STEP, MAX_TRAILING, trailing_problem
 from pipeline.sitk_buffer import writable_bytes
 
 __all__ = ["gzip_bytes", "read_plain_nifti_gz"]
 
-CHUNK = 1 << 21  # compressed bytes inflated per step
+CHUNK = 1 << 21  # compressed bytes handed to the decoder at a time
 
 # The NIfTI voxel types SimpleITK reads without conversion, as the pixel types it reports for them.
 PIXEL_IDS = {
@@ -64,26 +65,39 @@ def _plain_header(raw: bytes) -> nib.Nifti1Header | None:
     return header
 
 
-def _inflate(compressed: memoryview, out: queue.SimpleQueue, stop: threading.Event) -> None:
-    """Inflate every gzip member of ``compressed``, chunk by chunk, into ``out``; then put None, or
-    the exception that stopped it (EOFError for a stream cut short)."""
+def _put(out: queue.Queue, item: object, stop: threading.Event) -> bool:
+    """Put ``item`` once the reader has room for it; False if the reader stopped first."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _inflate(compressed: memoryview, out: queue.Queue, stop: threading.Event) -> None:
+    """Inflate every gzip member of ``compressed``, at most ``INFLATE_STEP`` bytes at a time, into
+    ``out`` (bounded: a decompression bomb cannot run ahead of the reader); then put None, or the
+    exception that stopped it (EOFError for a stream cut short)."""
     try:
         decoder = isal_zlib.decompressobj(wbits=31)
         for start in range(0, len(compressed), CHUNK):
-            if stop.is_set():
-                break
             chunk: bytes | memoryview = compressed[start : start + CHUNK]
             while len(chunk):
-                out.put(decoder.decompress(chunk))
+                if not _put(out, decoder.decompress(chunk, INFLATE_STEP), stop):
+                    return
+                if decoder.unconsumed_tail:
+                    chunk = decoder.unconsumed_tail
+                    continue
                 chunk = decoder.unused_data if decoder.eof else b""
                 if len(chunk):  # a further member (concatenated gzip files are legal)
                     decoder = isal_zlib.decompressobj(wbits=31)
-        else:
-            if not decoder.eof:
-                raise EOFError("the stream ends before its end marker")
+        if not decoder.eof:
+            raise EOFError("the stream ends before its end marker")
     except Exception as exc:  # handed to the reading thread, which raises it
-        out.put(exc)
-    out.put(None)
+        _put(out, exc, stop)
+    _put(out, None, stop)
 
 
 class _Chunks:
@@ -91,7 +105,7 @@ class _Chunks:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.stop = threading.Event()
         self.worker = threading.Thread(
             target=_inflate, args=(memoryview(path.read_bytes()), self.queue, self.stop), daemon=True
@@ -136,13 +150,16 @@ def read_plain_nifti_gz(path: Path, pixel_type: str) -> sitk.Image | None:
         offset, needed = int(header["vox_offset"]), int(np.prod(size, dtype=np.int64)) * dtype.itemsize
         image = sitk.Image(size, PIXEL_IDS[dtype])
         target, skip, filled = writable_bytes(image), offset, 0
-        chunk = head
+        chunk, trailing = head, 0
         while chunk is not None:
             data = np.frombuffer(chunk, np.uint8)[skip:]
             skip -= min(skip, len(chunk))
             take = min(len(data), needed - filled)
             target[filled : filled + take] = data[:take]
             filled += take
+            trailing += len(data) - take
+            if trailing > MAX_TRAILING:  # the rest of the stream is read to check it, but not forever
+                raise VolumeError(path, trailing_problem())
             chunk = chunks.next()
     finally:
         chunks.close()

@@ -220,6 +220,63 @@ def mhd_short_raw(folder, make_ct):
     return path
 
 
+def _mhd_naming(folder: Path, name: str, data_file: str) -> Path:
+    """A small .mhd whose ElementDataFile is ``data_file`` (written by ITK, then edited)."""
+    path = folder / f"{name}.mhd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 4, 4), np.uint8)), str(path))
+    text = path.read_text(encoding="latin-1")
+    text = text.replace(f"ElementDataFile = {name}.raw", f"ElementDataFile = {data_file}")
+    path.write_text(text, encoding="latin-1")
+    return path
+
+
+def mhd_pattern(folder, make_ct):  # ITK's reader dies of a segfault on this one (SimpleITK 2.x)
+    return _mhd_naming(folder, "pattern", "/etc/host%s 1 2 1")
+
+
+def mhd_outside(folder, make_ct):
+    inner = folder / "inner"
+    inner.mkdir()
+    (folder / "secret.raw").write_bytes(bytes(32))
+    return _mhd_naming(inner, "outside", "../secret.raw")
+
+
+def mhd_device(folder, make_ct):
+    return _mhd_naming(folder, "device", "/dev/zero")
+
+
+def nhdr_outside(folder, make_ct):
+    path = folder / "outside.nhdr"
+    path.write_text(
+        "NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 4 2\nencoding: raw\ndata file: /dev/urandom\n\n",
+        encoding="latin-1",
+    )
+    return path
+
+
+def trailing_bomb(folder, make_ct):
+    """A whole small .nii.gz followed, in the same gzip stream, by 200 MB of zeros."""
+    src = make_ct(folder / "small.nii")
+    path = folder / "bomb.nii.gz"
+    with gzip.open(path, "wb", compresslevel=1) as fh:
+        fh.write(src.read_bytes())
+        for _ in range(100):
+            fh.write(bytes(2 << 20))
+    src.unlink()
+    return path
+
+
+def tiny_gz_huge_claim(folder, make_ct):
+    """A 1000^3 int16 header in a gzip of a few hundred bytes: no file that small holds 2 GB."""
+    src = make_ct(folder / "small.nii")
+    patched = _patch_nifti(src, folder / "claim.nii", dim=[3, 1000, 1000, 1000, 1, 1, 1, 1])
+    path = folder / "claim.nii.gz"
+    path.write_bytes(gzip.compress(patched.read_bytes()[:352]))
+    src.unlink()
+    patched.unlink()
+    return path
+
+
 def png_slice(folder, make_ct):
     path = folder / "screenshot.png"
     sitk.WriteImage(sitk.GetImageFromArray(np.full((64, 64), 120, np.uint8)), str(path))
@@ -254,6 +311,15 @@ CORPUS: dict[str, tuple[Builder, str]] = {
     "junk_dcm": (junk_dcm, r"not a readable image"),
     "mhd_missing_raw": (mhd_missing_raw, r"data file lost\.raw not found"),
     "mhd_short_raw": (mhd_short_raw, r"truncated or corrupt image data"),
+    "mhd_pattern": (mhd_pattern, r"ElementDataFile '/etc/host%s 1 2 1' is a file-name pattern"),
+    "mhd_outside": (mhd_outside, r"ElementDataFile '\.\./secret\.raw' lies outside the header's folder"),
+    "mhd_device": (mhd_device, r"ElementDataFile '/dev/zero' lies outside"),
+    "nhdr_outside": (nhdr_outside, r"data file '/dev/urandom' lies outside"),
+    "trailing_bomb": (trailing_bomb, r"more than 64 MiB of data after the voxels"),
+    "tiny_gz_huge_claim": (
+        tiny_gz_huge_claim,
+        r"promises 2,000,000,352 bytes, more than this .*-byte gzip file can hold",
+    ),
     "png_slice": (png_slice, r"a PNG image holds no scanner intensities .* NIfTI, NRRD/MHA or DICOM"),
 }
 

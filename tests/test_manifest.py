@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -81,6 +82,28 @@ def test_duplicate_ids_are_fatal_and_all_listed(data):
         "line 5: duplicate case_id 'b' (first on line 3)",
     ]
     assert str(path) in str(info.value)
+
+
+def test_case_ids_that_would_misbehave_as_file_names_or_cells_are_refused(data):
+    ids = ["A", "a", "=HYPERLINK(x)", "line\u202eevil", ".hidden", "L" * 201]
+    rows = "".join(f'"{cid}",images/a.nii.gz\n' for cid in ids)
+    with pytest.raises(ManifestError) as info:
+        read_manifest(write_manifest(data, f"case_id,image\n{rows}"))
+    assert info.value.problems == [
+        "line 3: duplicate case_id 'a' (first on line 2, 'A', which differs only in case)",
+        "line 4: case_id '=HYPERLINK(x)' starts with '=', which a spreadsheet runs as a formula",
+        "line 5: case_id 'line\\u202eevil' holds a control or invisible character",
+        "line 6: case_id '.hidden' starts with '.', which would hide its output files",
+        "line 7: case_id of 201 bytes is too long to name files (at most 200)",
+    ]
+
+
+def test_a_file_name_that_makes_a_bad_case_id_gets_its_own_row(tmp_path, make_ct):
+    make_ct(tmp_path / "scans" / "ok.nii.gz")
+    make_ct(tmp_path / "scans" / "+cmd.nii.gz")
+    cases = by_id(discover_folder(tmp_path / "scans"))
+    assert cases["ok"].problem is None
+    assert cases["+cmd"].problem.endswith("'+cmd' starts with '+', which a spreadsheet runs as a formula")
 
 
 def test_missing_and_unknown_columns_are_listed_together(data):
@@ -499,6 +522,23 @@ def test_discover_folder_reads_each_real_folder_once_skips_hidden_ones_and_names
     assert cases["gone"].problem == f"{root / 'gone.nii.gz'}: a broken symbolic link (its target " + (
         f"{tmp_path / 'deleted.nii.gz'} is gone)"
     )
+
+
+def test_special_files_and_link_loops_get_rows_and_keep_a_dicom_scan_away(tmp_path, make_ct):
+    root = tmp_path / "scans"
+    make_ct(root / "good.nii.gz")
+    os.mkfifo(root / "pipe.nii.gz")  # a reader would block on it for ever
+    (root / "loop.nii.gz").symlink_to(root / "loop.nii.gz")
+    dicom = root / "series"
+    dicom.mkdir()
+    os.mkfifo(dicom / "stream")
+    (dicom / "IM0001").write_bytes(b"not really DICOM")
+    cases = by_id(discover_folder(root))
+    assert cases["good"].problem is None
+    assert cases["pipe"].problem == f"{root / 'pipe.nii.gz'}: not a regular file (a FIFO, socket or device)"
+    assert cases["loop"].problem.startswith(f"{root / 'loop.nii.gz'}: cannot be read (Too many levels")
+    assert "not a regular file" in cases["series__stream"].problem
+    assert "not read: its folder also holds a FIFO" in cases["series__IM0001"].problem
 
 
 def test_prediction_inputs_name_their_manifest_and_refuse_a_missing_path(data, tmp_path):
