@@ -193,7 +193,9 @@ class ClassifyConfig(Section):
     threshold_on: Literal["val", "val+oof"] = "val+oof"
     n_boot: int = Field(1000, ge=0)
     workers: int = Field(0, ge=0)
-    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")  # the classifier's (the lung net runs on CPU)
+    device: str = Field(
+        "cpu", pattern=r"^(cpu|mps|(cuda|xpu)(:\d+)?)$"
+    )  # the classifier's (the lung net runs on CPU)
 
     @model_validator(mode="after")
     def _extra_models_are_overrides(self) -> ClassifyConfig:

@@ -35,7 +35,8 @@ __all__ = [
 MAX_DEFLATE_RATIO = 1032  # the most deflate can pack: a few bytes per 258-byte match of 32 KiB runs
 INFLATE_STEP = 1 << 22  # at most this many inflated bytes per decompress call
 MAX_TRAILING = 64 << 20  # inflated bytes after a NIfTI's voxels before the file counts as a bomb
-PLAUSIBLE_PIXDIM = (1e-4, 1e5)  # mm from 0.1 um to 100 m, also in the header's own units (um or m)
+PLAUSIBLE_SPACING_MM = (1e-4, 1e5)  # from 0.1 um to 100 m
+MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3}  # NIfTI xyzt_units; unknown is taken as mm
 
 
 def trailing_problem() -> str:
@@ -124,8 +125,10 @@ def _check_capacity(path: Path, header: nib.Nifti1Header) -> None:
     if promised is None:
         return
     single_file = path.name.lower().endswith((".nii", ".nii.gz"))
-    if single_file and int(header["vox_offset"]) < header.sizeof_hdr + 4:
-        raise VolumeError(path, f"vox_offset {int(header['vox_offset'])} puts the voxels inside the header")
+    if single_file and int(header["vox_offset"]) < header.sizeof_hdr:
+        raise VolumeError(
+            path, f"vox_offset {int(header['vox_offset'])} lies inside the {header.sizeof_hdr}-byte header"
+        )
     size = path.stat().st_size
     if is_gzip(path) and promised > size * MAX_DEFLATE_RATIO:
         raise VolumeError(
@@ -140,10 +143,12 @@ def _check_spacing(path: Path, header: nib.Nifti1Header) -> None:
     used = np.asarray(header["dim"][1 : 1 + n]) > 1  # a one-voxel axis has no meaningful spacing
     if not np.all(np.isfinite(pixdim[used])) or np.any(pixdim[used] <= 0):
         raise VolumeError(path, f"spacing (pixdim) {tuple(pixdim.tolist())} is not finite and positive")
-    low, high = PLAUSIBLE_PIXDIM
-    if np.any((pixdim[used] < low) | (pixdim[used] > high)):
+    low, high = PLAUSIBLE_SPACING_MM
+    unit = header.get_xyzt_units()[0]
+    mm = pixdim[used] * MM_PER_UNIT.get(unit, 1.0)
+    if np.any((mm < low) | (mm > high)):
         raise VolumeError(
-            path, f"spacing (pixdim) {tuple(pixdim.tolist())} is outside {low:g}..{high:g} (in its own units)"
+            path, f"spacing (pixdim) {tuple(pixdim.tolist())} {unit} is outside {low:g}..{high:g} mm"
         )
 
 
@@ -192,20 +197,28 @@ def _header_lines(path: Path) -> list[str]:
 
 
 def _detached_file(path: Path, name: str, key: str) -> None:
-    """A header's separate data file must be a regular file in the header's own folder (or below
-    it): not a device such as /dev/zero, and not a file elsewhere on the machine."""
-    if "%" in name:
-        raise VolumeError(
-            path, f"{key} {name!r} is a file-name pattern, which is not read; store the voxels in one file"
-        )
-    folder = path.parent.resolve()
-    data = (folder / name).resolve()
+    """A header's separate data file must be named inside the header's own folder (or below it)
+    and be a regular file: not a device such as /dev/zero, nor a file elsewhere on the machine. The
+    name, not a link's target, is what must stay inside (annexed datasets link data files away)."""
+    folder = path.parent.absolute()
+    data = Path(os.path.normpath(folder / name))
     if not data.is_relative_to(folder):
         raise VolumeError(path, f"{key} {name!r} lies outside the header's folder")
     if not data.exists():
         raise VolumeError(path, f"data file {name} not found (named by {key})")
     if not data.is_file():
         raise VolumeError(path, f"{key} {name!r} is not a regular file")
+
+
+def _nrrd_pattern(path: Path, value: str) -> list[str]:
+    """The files of NRRD's ``data file: <format> <min> <max> <step> [<subdim>]`` form."""
+    fmt, *numbers = value.split()
+    try:
+        first, last, step = (int(n) for n in numbers[:3])
+        names = [fmt % i for i in range(first, last + (1 if step > 0 else -1), step)]
+    except (ValueError, TypeError) as exc:
+        raise VolumeError(path, f"data file {value!r}: not a readable file-name pattern ({exc})") from None
+    return names
 
 
 def check_detached_data(path: Path) -> None:
@@ -219,8 +232,15 @@ def check_detached_data(path: Path) -> None:
         key, _, value = line.partition("=" if metaimage else ":")
         if key.strip().lower() in (("elementdatafile",) if metaimage else ("data file", "datafile")):
             name = value.strip()
-            names = [n.strip() for n in lines[i + 1 :] if n.strip()] if name.startswith("LIST") else [name]
-            for each in names if name != "LOCAL" else []:
+            if name.startswith("LIST"):
+                names = [n.strip() for n in lines[i + 1 :] if n.strip()]
+            elif "%" in name and metaimage:  # ITK's MetaImage reader can crash on a bad pattern
+                raise VolumeError(path, f"{key.strip()} {name!r} is a file-name pattern, which is not read")
+            elif "%" in name:
+                names = _nrrd_pattern(path, name)
+            else:
+                names = [name] if name != "LOCAL" else []
+            for each in names:
                 _detached_file(path, each, key.strip())
             return
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import stat
 import sys
 import unicodedata
@@ -156,22 +157,26 @@ def _label_text(value: str) -> str:
 
 
 MAX_CASE_ID_BYTES = 200  # leaves room in a 255-byte file name for suffixes and temporary marks
-FORMULA_STARTS = ("=", "+", "-", "@")  # a spreadsheet runs such a cell as a formula
+# a spreadsheet runs a cell starting with = or @, or with + or - unless it is a plain number, as a formula
+FORMULA = re.compile(r"^(?:[=@]|[+-](?!\d*\.?\d+$))")
+# text-direction overrides and isolates, zero-width space, byte-order mark: they disguise a name
+HIDING = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200b\ufeff")
 
 
-def _case_id_problem(cid: str) -> str | None:
-    """Why a case id cannot name output files (``masks/<case_id>.nii.gz``) and table rows, or None."""
+def _case_id_problem(cid: str, length: bool = True) -> str | None:
+    """Why a case id cannot name output files (``masks/<case_id>.nii.gz``) and table rows, or None.
+    ``length``: also refuse ids too long for a file name (a manifest's, which its author chose)."""
     if not cid:
         return "empty case_id"
     if "/" in cid or "\\" in cid or cid in (".", ".."):
         return f"case_id {cid!r} is not a plain file name (it names the case's output files)"
-    if any(unicodedata.category(ch) in ("Cc", "Cf") for ch in cid):
-        return f"case_id {cid!r} holds a control or invisible character"
+    if any(unicodedata.category(ch) == "Cc" or ch in HIDING for ch in cid):
+        return f"case_id {cid!r} holds a control character or one that hides or reorders text"
     if cid.startswith("."):
         return f"case_id {cid!r} starts with '.', which would hide its output files"
-    if cid.startswith(FORMULA_STARTS):
+    if FORMULA.match(cid):
         return f"case_id {cid!r} starts with {cid[0]!r}, which a spreadsheet runs as a formula"
-    if (size := len(cid.encode("utf-8"))) > MAX_CASE_ID_BYTES:
+    if length and (size := len(cid.encode("utf-8"))) > MAX_CASE_ID_BYTES:
         return f"case_id of {size} bytes is too long to name files (at most {MAX_CASE_ID_BYTES})"
     return None
 
@@ -208,16 +213,16 @@ def read_manifest(path: str | Path, classes: list[str] | None = None, allow_outs
         rows.append(({k.strip(): (v or "").strip() for k, v in row.items() if k}, reader.line_num))
     if not rows:
         raise ManifestError(path, ["no rows"])
-    seen: dict[str, tuple[str, int]] = {}  # by casefold: output files of "A" and "a" collide on SMB/NTFS
+    seen: dict[str, tuple[str, int]] = {}  # lower-cased: output files of "A" and "a" collide on SMB/NTFS
     for row, line in rows:
         cid = row["case_id"]
         if (problem := _case_id_problem(cid)) is not None:
             fatal.append(f"line {line}: {problem}")
-        elif (first := seen.get(cid.casefold())) is not None:
+        elif (first := seen.get(cid.lower())) is not None:
             alike = "" if first[0] == cid else f", {first[0]!r}, which differs only in case"
             fatal.append(f"line {line}: duplicate case_id {cid!r} (first on line {first[1]}{alike})")
         else:
-            seen[cid.casefold()] = (cid, line)
+            seen[cid.lower()] = (cid, line)
     if fatal:
         raise ManifestError(path, fatal)
 
@@ -425,7 +430,7 @@ def discover_folder(folder: str | Path) -> CaseSet:
                 cases.append(Case(_file_case_id(path, root), path, problem=problem))
     cases = [
         replace(c, problem=f"{c.image}: {problem}")
-        if c.problem is None and (problem := _case_id_problem(c.case_id)) is not None
+        if c.problem is None and (problem := _case_id_problem(c.case_id, length=False)) is not None
         else c
         for c in cases
     ]

@@ -324,6 +324,34 @@ CORPUS: dict[str, tuple[Builder, str]] = {
 }
 
 
+def test_legitimate_detached_data_spacing_units_and_offsets_still_read(tmp_path, make_ct):
+    """What the bomb and detached-file checks must let through."""
+    annex = tmp_path / "annex"
+    annex.mkdir()
+    linked = _mhd_naming(tmp_path, "linked", "linked.raw")
+    (tmp_path / "linked.raw").rename(annex / "obj.raw")  # a DataLad/git-annex layout: data linked away
+    (tmp_path / "linked.raw").symlink_to(annex / "obj.raw")
+    sub = tmp_path / "slices"
+    sub.mkdir()
+    for k in range(2):
+        (sub / f"s{k:03d}.raw").write_bytes(bytes([k + 1]) * 16)
+    pattern = tmp_path / "pattern.nhdr"
+    pattern.write_text(
+        "NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 4 2\nencoding: raw\n"
+        "data file: slices/s%03d.raw 0 1 1 2\n\n",
+        encoding="latin-1",
+    )
+    micro = tmp_path / "micro.nii.gz"
+    image = nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.diag([5e-5, 5e-5, 5e-5, 1]))
+    image.header.set_xyzt_units("meter")
+    nib.save(image, micro)
+    early = _patch_nifti(make_ct(tmp_path / "src.nii"), tmp_path / "early.nii", vox_offset=348)
+    for path, shape in ((linked, (4, 4, 2)), (pattern, (4, 4, 2)), (micro, (8, 8, 8)), (early, None)):
+        volume = read_volume(path)
+        assert shape is None or volume.shape == shape, path.name
+    np.testing.assert_array_equal(np.unique(read_volume(pattern).array), [1, 2])  # both slice files
+
+
 @pytest.mark.parametrize("kind", sorted(CORPUS))
 def test_bad_input_gives_named_error(kind, tmp_path, make_ct):
     builder, reason = CORPUS[kind]

@@ -92,7 +92,7 @@ def test_case_ids_that_would_misbehave_as_file_names_or_cells_are_refused(data):
     assert info.value.problems == [
         "line 3: duplicate case_id 'a' (first on line 2, 'A', which differs only in case)",
         "line 4: case_id '=HYPERLINK(x)' starts with '=', which a spreadsheet runs as a formula",
-        "line 5: case_id 'line\\u202eevil' holds a control or invisible character",
+        "line 5: case_id 'line\\u202eevil' holds a control character or one that hides or reorders text",
         "line 6: case_id '.hidden' starts with '.', which would hide its output files",
         "line 7: case_id of 201 bytes is too long to name files (at most 200)",
     ]

@@ -84,6 +84,8 @@ def test_model_keys_a_model_does_not_read_are_named():
     )
     assert ignored_settings(cfg) == {"conv_lstm": ["rnn"], "cnn3d_views": ["bidirectional"]}
     assert ignored_settings(ClassifyConfig(rnn="gru", pool="avgmax")) == {}
+    inherited = ClassifyConfig(model="cnn3d", hidden=32, folds=2, extra_models=[{"model": "cnn_lstm"}])
+    assert ignored_settings(inherited) == {}  # the extra CNN-LSTM takes hidden from the base settings
 
 
 def test_conv_lstm_cell_state():

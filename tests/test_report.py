@@ -342,6 +342,7 @@ def test_a_clinician_reads_the_threshold_the_gaps_and_the_small_counts(full_run,
         at["confusion_matrix"] = [[229, 0], [3, 13]]
         at["specificity"] = {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0}
         at["precision"] = {"value": None, "ci_low": None, "ci_high": None}
+        at["auc"] = {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0}
 
     _edit_metrics(run, edit)
     (run / "classify" / "checkpoint.pt").touch()  # trained again after the predictions were made
@@ -351,6 +352,9 @@ def test_a_clinician_reads_the_threshold_the_gaps_and_the_small_counts(full_run,
     assert f"1 test case(s) failed preprocessing and are not scored: {excluded['case_id']} (" in html
     assert "1.000 [0.984, 1.000]†" in html and "Clopper-Pearson" in html  # 229 of 229, exact interval
     assert ">undefined<" in html and "denominator is 0" in html
+    assert (
+        "A CI of no width: every bootstrap resample gave the same value" in html
+    )  # AUC 1.000 [1.000, 1.000]
     assert "classify/checkpoint.pt is newer than these outputs" in html
 
 

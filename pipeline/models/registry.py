@@ -97,10 +97,21 @@ def model_spec(name: str) -> ModelSpec:
 
 def ignored_settings(cfg: ClassifyConfig) -> dict[str, list[str]]:
     """Per model of ``cfg``, the model keys it was given but does not read: for ``cfg.model`` those
-    set away from their defaults, for each of ``extra_models`` those its overrides name."""
+    set away from their defaults that no extra model inherits, for each of ``extra_models`` those its
+    overrides name."""
     defaults = ClassifyConfig()
+    inherited = {  # a key set for cfg.model that an extra model takes over without overriding it
+        key for extra in cfg.extra_models for key in model_spec(str(extra["model"])).reads if key not in extra
+    }
     given = [
-        (cfg.model, [key for key in ARCHITECTURE if getattr(cfg, key) != getattr(defaults, key)]),
+        (
+            cfg.model,
+            [
+                key
+                for key in ARCHITECTURE
+                if getattr(cfg, key) != getattr(defaults, key) and key not in inherited
+            ],
+        ),
         *((str(extra["model"]), [key for key in ARCHITECTURE if key in extra]) for extra in cfg.extra_models),
     ]
     ignored = {}

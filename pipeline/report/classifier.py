@@ -142,7 +142,15 @@ def _metrics_table(run: RunFolder, metrics: dict[str, Any], digits: int) -> list
         for m in names
     ]
     shown = " ".join(c.text for row in body for c in row)
+    flat = any(
+        m not in PROPORTIONS and v.get(m, {}).get("ci_low") is not None and v[m]["ci_low"] == v[m]["ci_high"]
+        for v in columns.values()
+        for m in names
+    )
     remarks = [
+        " A CI of no width: every bootstrap resample gave the same value (a perfect score, or few cases)."
+        if flat
+        else "",
         f" {EXACT_MARK} An exact (Clopper-Pearson) 95% interval of the counts: the bootstrap's has no "
         "width at a proportion of 0 or 1."
         if EXACT_MARK in shown
