@@ -272,17 +272,24 @@ def _execute(path: Path, header: Header, volume_index: int | None) -> sitk.Image
     return image
 
 
+def _nifti_affine(path: Path) -> tuple[nib.Nifti1Header, np.ndarray | None]:
+    """A NIfTI file's header and its 3D affine, or None for the affine without a qform or sform
+    (both codes 0). For a 2D file this is what ITK does not give: it reads the plane alone."""
+    header = nib.load(path).header
+    placed = header["sform_code"] > 0 or header["qform_code"] > 0
+    return header, header.get_best_affine() if placed else None
+
+
 def _set_nifti_geometry(image: sitk.Image, path: Path) -> None:
     """Give a 2D NIfTI slice, joined into one slice of 3D, the header's whole affine: ITK reads the
     plane alone, so its slab thickness (pixdim[3]) and position along the third axis would be lost.
     Without a qform or sform (both codes 0) ITK's own plane stays, and only the thickness is set."""
-    header = nib.load(path).header
-    if not (header["sform_code"] > 0 or header["qform_code"] > 0):
+    header, affine = _nifti_affine(path)
+    if affine is None:
         thickness = float(header["pixdim"][3])
         if np.isfinite(thickness) and thickness > 0:
             image.SetSpacing((*image.GetSpacing()[:2], thickness))
         return
-    affine = header.get_best_affine()
     axes = LPS_TO_RAS @ affine[:3, :3]  # the flip is its own inverse: RAS+ -> ITK's LPS
     spacing = np.linalg.norm(axes, axis=0)
     image.SetSpacing(spacing.tolist())
@@ -311,9 +318,9 @@ def _check_nifti_slice_plane(header: Header) -> None:
     """The slice-plane check of a 2D NIfTI from its own affine, before reading: ITK takes the
     affine's in-plane corner as the direction, which is singular for a coronal or sagittal slice."""
     if header.dimension == 2 and not header.dicom_files and is_nifti(header.path):
-        nifti = nib.load(header.path).header
-        if nifti["sform_code"] > 0 or nifti["qform_code"] > 0:
-            _check_slice_plane(header.path, (*header.size, 1), nifti.get_best_affine())
+        affine = _nifti_affine(header.path)[1]
+        if affine is not None:
+            _check_slice_plane(header.path, (*header.size, 1), affine)
 
 
 def _read_nifti_gz(path: Path, header: Header) -> sitk.Image | None:

@@ -355,18 +355,14 @@ def _folders(root: Path) -> tuple[list[Path], list[OSError]]:
     return sorted(found), unreadable
 
 
-def _entry_problem(path: Path) -> str | None:
-    """Why a folder entry cannot be a scan (None for a regular file or a folder): a broken or
-    unreadable link, or a FIFO, socket or device, which a reader would block on or read forever."""
+def _entry_mode(path: Path) -> int | str:
+    """A folder entry's file mode (links followed), or why it has none: a broken or unreadable link."""
     try:
-        mode = path.stat().st_mode
+        return path.stat().st_mode
     except FileNotFoundError:
         return f"{path}: a broken symbolic link (its target {os.readlink(path)} is gone)"
     except OSError as exc:
         return f"{path}: cannot be read ({exc.strerror or exc})"
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-        return None
-    return f"{path}: not a regular file (a FIFO, socket or device)"
 
 
 def _file_case_id(path: Path, root: Path) -> str:
@@ -400,11 +396,15 @@ def discover_folder(folder: str | Path) -> CaseSet:
         leftovers, special = [], False
         entries = sorted(p for p in directory.iterdir() if not p.name.startswith("."))
         for path in entries:
-            if (problem := _entry_problem(path)) is not None:
-                special |= "regular file" in problem
-                cases.append(Case(_file_case_id(path, root), path, problem=problem))
-            elif not path.is_file():
+            mode = _entry_mode(path)
+            if isinstance(mode, str):
+                cases.append(Case(_file_case_id(path, root), path, problem=mode))
+            elif stat.S_ISDIR(mode):
                 continue
+            elif not stat.S_ISREG(mode):  # a reader would block on a FIFO, or read a device for ever
+                special = True
+                problem = f"{path}: not a regular file (a FIFO, socket or device)"
+                cases.append(Case(_file_case_id(path, root), path, problem=problem))
             elif _image_stem(path) is not None:
                 cases.append(Case(_file_case_id(path, root), path))
             elif path.suffix.lower() not in SIDE_FILES:

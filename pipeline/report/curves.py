@@ -31,8 +31,7 @@ def training_curves(
         else ""
     )
     shown = ", ".join(series) or "none recorded"
-    folds = run.json(f"{stage}/checkpoint.json").get("folds", 1) if run.has(f"{stage}/checkpoint.json") else 1
-    if folds > 1:  # a fold ensemble's history is its members' mean (pipeline.train.classify)
+    if (folds := run.folds(stage)) > 1:  # its history is the members' mean (pipeline.train.classify)
         shown += f"; each the mean of the {folds} members on their own held-out folds, not the val split"
     caption = f"Training loss, validation metrics ({shown}) and learning rate per epoch{best_text}."
     return [figures.add(fig, f"{stage}_curves", caption, f"{stage} training curves")]

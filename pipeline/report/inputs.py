@@ -40,6 +40,11 @@ class RunFolder:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{self.root.name}/{rel} is not valid JSON ({exc})") from None
 
+    def folds(self, stage: str) -> int:
+        """How many fold members a stage's model holds (1: a single model)."""
+        rel = f"{stage}/checkpoint.json"
+        return int(self.json(rel).get("folds", 1)) if self.has(rel) else 1
+
     def csv(self, rel: str) -> list[dict[str, str]]:
         """The rows of a CSV file as dicts; a file with a header only gives an empty list."""
         with self.path(rel).open(newline="", encoding="utf-8") as fh:

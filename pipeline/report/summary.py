@@ -82,8 +82,7 @@ def _balance(run: RunFolder, figures: Figures) -> list:
         f"Training cases per class before balancing, and the expected cases per class in each epoch after "
         f"it (strategy {report['strategy']}, loss {report.get('loss', 'n/a')})."
     )
-    folds = run.json("classify/checkpoint.json").get("folds", 1) if run.has("classify/checkpoint.json") else 1
-    if folds > 1:
+    if (folds := run.folds("classify")) > 1:
         caption += (
             f" These are the whole training split's; each of the {folds} ensemble members trains on the "
             f"{folds - 1}/{folds} of it outside its held-out fold (classify/fold<k>/balance.json)."
