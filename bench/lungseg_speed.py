@@ -51,6 +51,7 @@ def random_model(work: Path) -> Path:
     cfg = SegmentConfig()
     out = work / "random_model"
     meta = {
+        "task": "segment",
         "config": Config().model_dump(mode="json"),
         "slice_params": slice_params(cfg).to_dict(),
         "model": {"channels": list(cfg.channels), "num_res_units": cfg.num_res_units, "dropout": cfg.dropout},
