@@ -38,6 +38,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import version
 from pathlib import Path
@@ -61,6 +62,7 @@ __all__ = [
 ]
 LIBRARIES = ("numpy", "scipy", "SimpleITK", "nibabel", "monai", "torch")
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+RUNNING = "running"  # a serial run's mark before each case, so a rerun knows the case it ended on
 
 
 def storage_failure(exc: BaseException) -> bool:
@@ -139,13 +141,22 @@ class Ledger:
         self.path = Path(path)
 
     def rows(self) -> dict[str, Row]:
-        """The latest row per case (a torn last line from a killed run is ignored)."""
+        """The latest row per case (a torn last line from a killed run is ignored), without the
+        cases whose latest row only says they were running."""
+        return {cid: row for cid, row in self._latest().items() if row.status != RUNNING}
+
+    def interrupted(self) -> set[str]:
+        """The cases whose last row says they were running: a serial run ended (crashed, killed)
+        while on them."""
+        return {cid for cid, row in self._latest().items() if row.status == RUNNING}
+
+    def _latest(self) -> dict[str, Row]:
         if not self.path.is_file():
             return {}
         latest: dict[str, Row] = {}
         with self.path.open(newline="", encoding="utf-8") as fh:
             for rec in csv.DictReader(fh):
-                if rec.get("output") is None or rec.get("status") not in ("ok", "skipped", "error"):
+                if rec.get("output") is None or rec.get("status") not in ("ok", "skipped", "error", RUNNING):
                     continue
                 try:
                     seconds = float(rec["seconds"])
@@ -275,8 +286,9 @@ def run_cases(
 ) -> list[Row]:
     """Run ``fn(task.payload)`` for every task and record a ledger row for each, as it finishes.
 
-    ``fn`` must be a picklable top-level function when ``workers > 0`` or a scheduler is given.
-    A case whose worker died (or whose Dask task was lost) gets an error row; a rerun redoes it.
+    ``fn`` must be a picklable top-level function when ``workers > 0`` or a scheduler is given,
+    or when a serial rerun isolates the case an earlier run ended on. A case whose process died
+    (or whose Dask task was lost) gets an error row, and the other cases go on; a rerun redoes it.
     """
     tasks = list(tasks)
     rows: list[Row] = []
@@ -293,26 +305,144 @@ def run_cases(
     with tqdm(total=len(tasks), desc=desc, unit="case", disable=None) as bar:
         if scheduler is not None:
             _run_on_dask(fn, tasks, scheduler, finish)
-            return rows
-        if workers <= 0:
-            for task in tasks:
-                finish(_guarded(fn, task))
-            return rows
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_limit_threads) as pool:
-            futures: dict[Future, Task] = {pool.submit(_guarded, fn, t): t for t in tasks}
-            try:
-                for future in as_completed(futures):
-                    finish(_pool_row(future, futures[future]))
-            except BaseException:  # Ctrl-C, a full disk: the queue is dropped, the cases in flight count
-                pool.shutdown(wait=True, cancel_futures=True)
-                recorded = {r.case_id for r in rows}
-                for future, task in futures.items():
-                    if future.done() and not future.cancelled() and task.case_id not in recorded:
-                        with contextlib.suppress(OSError):  # the ledger may be what cannot be written
-                            finish(_pool_row(future, task))
-                raise
+        elif workers <= 0:
+            _run_serially(fn, tasks, ledger, finish)
+        else:
+            _run_on_pool(fn, tasks, workers, finish)
     return rows
+
+
+def _run_serially(
+    fn: Callable[[Any], Row], tasks: list[Task], ledger: Ledger, finish: Callable[[Row], None]
+) -> None:
+    """Run each case in this process, after a ``running`` ledger row. A case a previous serial run
+    ended on (it may have crashed the process: a reader's segfault) runs in a process of its own."""
+    suspects = ledger.interrupted()
+    if ran_last := suspects & {t.case_id for t in tasks}:
+        print(
+            f"note: {ledger.path}: the last run ended while on {', '.join(sorted(ran_last))}; "
+            "each runs in a separate process this time, so a crash there cannot end the batch",
+            file=sys.stderr,
+        )
+    for task in tasks:
+        if task.case_id in suspects:
+            finish(_run_alone(fn, task))
+            continue
+        ledger.append(Row(task.case_id, RUNNING))
+        finish(_guarded(fn, task))
+
+
+def _run_on_pool(
+    fn: Callable[[Any], Row], tasks: list[Task], workers: int, finish: Callable[[Row], None]
+) -> None:
+    """Run the cases on a pool of ``workers`` processes. When a worker dies (a segfault, the OOM
+    killer), the cases it may have been running are rerun one by one in a process of their own,
+    which tells a crashing case from its bystanders, and a fresh pool takes the rest."""
+    context = multiprocessing.get_context("spawn")
+    started = context.SimpleQueue()
+    while tasks:
+        left = _pool_round(fn, tasks, workers, finish, context, started)
+        running = set()
+        while not started.empty():
+            running.add(started.get())
+        suspects = [t for t in left if t.case_id in running] or left[:1]  # at least one case: progress
+        for task in suspects:
+            finish(_run_alone(fn, task))
+        tasks = [t for t in left if t not in suspects]
+
+
+def _pool_round(
+    fn: Callable[[Any], Row],
+    tasks: list[Task],
+    workers: int,
+    finish: Callable[[Row], None],
+    context: Any,
+    started: Any,
+) -> list[Task]:
+    """Run ``tasks`` on a fresh pool until all finish or a worker dies; return those left over."""
+    recorded: set[str] = set()
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_start_worker, initargs=(started,)
+    ) as pool:
+        futures: dict[Future, Task] = {pool.submit(_guarded_and_told, fn, t): t for t in tasks}
+        try:
+            for future in as_completed(futures):
+                if not isinstance(future.exception(), BrokenProcessPool):
+                    finish(_pool_row(future, futures[future]))
+                    recorded.add(futures[future].case_id)
+        except BaseException:  # Ctrl-C, a full disk: the queue is dropped, the cases in flight count
+            pool.shutdown(wait=True, cancel_futures=True)
+            for future, task in futures.items():
+                if future.done() and not future.cancelled() and task.case_id not in recorded:
+                    with contextlib.suppress(OSError):  # the ledger may be what cannot be written
+                        finish(_pool_row(future, task))
+            raise
+    return [t for t in tasks if t.case_id not in recorded]
+
+
+_started_queue: Any = None  # in a pool worker: where it says which case it starts
+
+
+def _start_worker(started: Any) -> None:
+    """A pool worker's set-up: one thread, and the queue on which it names each case it starts."""
+    global _started_queue
+    _started_queue = started
+    _limit_threads()
+
+
+def _guarded_and_told(fn: Callable[[Any], Row], task: Task) -> Row:
+    """``_guarded``, after telling the parent that this worker has started the case."""
+    _started_queue.put(task.case_id)
+    return _guarded(fn, task)
+
+
+def _run_alone(fn: Callable[[Any], Row], task: Task) -> Row:
+    """Run one case in a process of its own; an error row naming the signal if that process dies."""
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_send_row, args=(fn, task, sender), daemon=True)
+    start = time.perf_counter()
+    process.start()
+    sender.close()
+    try:
+        outcome = receiver.recv()
+    except EOFError:  # the process died without an answer
+        outcome = None
+    except BaseException:  # Ctrl-C: the process ignores it, so it is ended here
+        process.kill()
+        raise
+    finally:
+        process.join()
+        receiver.close()
+    if isinstance(outcome, BaseException):  # a storage failure, raised in the process
+        raise outcome
+    if outcome is None:
+        return Row(
+            task.case_id,
+            "error",
+            f"the process running this case died ({_exit_reason(process.exitcode)}), most likely in a "
+            "reader or library on this file; the other cases went on",
+            time.perf_counter() - start,
+        )
+    return outcome
+
+
+def _send_row(fn: Callable[[Any], Row], task: Task, sender: Any) -> None:
+    """In a process of its own: run the case and send back its row (or a storage failure)."""
+    _limit_threads()
+    try:
+        outcome: Row | BaseException = _guarded(fn, task)
+    except OSError as exc:  # only storage failures get out of _guarded
+        outcome = exc
+    sender.send(outcome)
+
+
+def _exit_reason(code: int | None) -> str:
+    """A dead process's exit code in words: ``SIGSEGV``, ``exit code 1``."""
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
 
 
 def _pool_row(future: Future, task: Task) -> Row:

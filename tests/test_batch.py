@@ -8,6 +8,8 @@ import filecmp
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -362,3 +364,44 @@ def test_a_second_input_from_another_model_does_not_keep_the_first_models_rows(t
     assert run(["case4"], "model A") == ["case_id,value", "case1,1", "case2,4", "case4,16"]
     assert run(["case5"], "model B") == ["case_id,value", "case5,25"]
     assert "3 case(s) of an earlier run with another model" in capsys.readouterr().err
+
+
+def crash_on_three(payload: tuple[str, int]) -> Row:
+    """A case function: a segfault on 3 (as a broken reader would), else a marker and an ok row."""
+    folder, n = payload
+    if n == 3:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    (Path(folder) / f"case{n}.done").touch()
+    return Row(f"case{n}", "ok")
+
+
+def test_a_worker_segfault_fails_only_its_case_and_the_pool_goes_on(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.csv")
+    tasks = [Task(f"case{n}", (str(tmp_path), n)) for n in range(8)]
+    rows = run_cases(crash_on_three, tasks, ledger, workers=2)
+    assert sorted(r.case_id for r in rows) == sorted(t.case_id for t in tasks)  # one row each
+    latest = ledger.rows()
+    assert latest["case3"].status == "error" and "SIGSEGV" in latest["case3"].reason
+    assert {cid for cid, r in latest.items() if r.status == "ok"} == {f"case{n}" for n in range(8) if n != 3}
+
+
+def test_a_serial_rerun_after_a_segfault_isolates_that_case_and_finishes_the_rest(tmp_path):
+    """A serial run dies with the case that segfaults; the rerun runs that case in a process of its
+    own, so it gets an error row, and every other case finishes."""
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "from test_batch import crash_on_three; from pipeline.batch import Ledger, Task, run_cases;"
+        "run_cases(crash_on_three, [Task(f'case{n}', (sys.argv[2], n)) for n in range(6)],"
+        " Ledger(sys.argv[2] + '/ledger.csv'))"
+    )
+    died = subprocess.run(
+        [sys.executable, "-c", script, str(Path(__file__).parent), str(tmp_path)], check=False
+    )
+    assert died.returncode == -signal.SIGSEGV
+    ledger = Ledger(tmp_path / "ledger.csv")
+    assert ledger.interrupted() == {"case3"} and set(ledger.rows()) == {"case0", "case1", "case2"}
+    rows = run_cases(crash_on_three, [Task(f"case{n}", (str(tmp_path), n)) for n in range(3, 6)], ledger)
+    assert [r.case_id for r in rows] == ["case3", "case4", "case5"]
+    latest = ledger.rows()
+    assert latest["case3"].status == "error" and "SIGSEGV" in latest["case3"].reason
+    assert all(latest[f"case{n}"].status == "ok" for n in (0, 1, 2, 4, 5)) and not ledger.interrupted()
