@@ -105,7 +105,30 @@ def check_slice_spacing(folder: Path, files: tuple[str, ...], z: np.ndarray | No
         else:
             hint = "misplaced slice?" if gap < median else "missing or misplaced slice?"
     more = f"; {bad.size - 1} more uneven gap{'s' if bad.size > 2 else ''}" if bad.size > 1 else ""
-    raise VolumeError(folder, f"DICOM series slice positions are not evenly spaced: {what} ({hint}){more}")
+    raise VolumeError(
+        folder, f"DICOM series slice positions are not evenly spaced: {what} ({hint}){more}{_strays(folder)}"
+    )
+
+
+def _strays(folder: Path) -> str:
+    """Name the folder's files that GDCM put in no series (a truncated or damaged slice is left out
+    of its series, which then shows a gap), or nothing if there are none."""
+    if not folder.is_dir():
+        return ""
+    placed = {
+        Path(name).name
+        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        for name in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    }
+    strays = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name not in placed
+    )
+    if not strays:
+        return ""
+    shown = ", ".join(strays[:3]) + (f" and {len(strays) - 3} more" if len(strays) > 3 else "")
+    return f"; not readable as part of any series: {shown} (truncated or damaged?)"
 
 
 def one_slice_thickness(reader: sitk.ImageFileReader | sitk.ImageSeriesReader) -> float | None:

@@ -395,6 +395,19 @@ def test_dicom_series_with_a_missing_slice_is_refused(tmp_path):
     assert str(info.value).endswith("(missing slice?)")
 
 
+def test_a_truncated_dicom_slice_is_named_beside_the_gap_it_leaves(tmp_path):
+    """GDCM leaves a truncated slice out of its series; the gap's error names that file."""
+    array = (np.arange(6 * 10 * 8).reshape(6, 10, 8) % 500 - 200).astype(np.int16)
+    folder = write_dicom_series(tmp_path / "series", array)
+    damaged = folder / "IM0003.dcm"
+    os.truncate(damaged, damaged.stat().st_size - 100)
+    with pytest.raises(VolumeError) as info:
+        read_volume(folder)
+    assert "(missing slice?); not readable as part of any series: IM0003.dcm (truncated or damaged?)" in str(
+        info.value
+    )
+
+
 @pytest.mark.parametrize("as_folder", [True, False], ids=["series-folder", "file"])
 def test_a_lone_dicom_slice_keeps_its_slice_thickness(tmp_path, as_folder):
     array = (np.arange(10 * 8).reshape(1, 10, 8) % 500 - 200).astype(np.int16)
