@@ -294,19 +294,23 @@ def _image_stem(path: Path) -> str | None:
 
 
 def _separate_clashes(cases: list[Case], root: Path) -> list[Case]:
-    """Files whose names give one case id (``x.nii`` and ``x.nii.gz``) become error cases named by
-    their whole relative path, each naming the others, so the rest of the folder goes on."""
-    paths: dict[str, list[Path]] = {}
+    """Files whose names give one case id (``x.nii`` and ``x.nii.gz``), or ids that differ only in
+    letter case (``A.nii``, ``a.nii``: their outputs would be one file on macOS or Windows), become
+    error cases named by their whole relative path, each naming the others, so the rest of the
+    folder goes on."""
+    found: dict[str, list[Case]] = {}
     for case in cases:
-        paths.setdefault(case.case_id, []).append(case.image)
+        found.setdefault(case.case_id.lower(), []).append(case)
     out = []
     for case in cases:
-        clash = paths[case.case_id]
+        clash = found[case.case_id.lower()]
         if len(clash) == 1:
             out.append(case)
             continue
-        others = ", ".join(str(p) for p in clash if p != case.image)
-        problem = f"{case.image}: {others} gives the same case id {case.case_id!r}; rename one of them"
+        others = ", ".join(str(c.image) for c in clash if c.image != case.image)
+        same = all(c.case_id == case.case_id for c in clash)
+        gives = "the same case id" if same else "a case id that differs only in letter case from"
+        problem = f"{case.image}: {others} gives {gives} {case.case_id!r}; rename one of them"
         out.append(Case(case.image.relative_to(root).as_posix(), case.image, problem=problem))
     return out
 

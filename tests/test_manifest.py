@@ -507,6 +507,19 @@ def test_discover_folder_turns_colliding_case_ids_into_error_cases(tmp_path, mak
     assert cases["x.nii.gz"].problem == f"{second}: {first} gives the same case id 'x'; rename one of them"
 
 
+def test_case_ids_that_differ_only_in_letter_case_are_a_clash(tmp_path, make_ct):
+    """On macOS or Windows A.npz and a.npz would be one cache file, so neither case is kept."""
+    root = tmp_path / "scans"
+    for name in ("Scan1.nii.gz", "scan1.nii.gz", "y.nii.gz"):
+        make_ct(root / name)
+    cases = by_id(discover_folder(root))
+    assert set(cases) == {"Scan1.nii.gz", "scan1.nii.gz", "y"} and cases["y"].problem is None
+    assert cases["scan1.nii.gz"].problem == (
+        f"{root / 'scan1.nii.gz'}: {root / 'Scan1.nii.gz'} gives a case id that differs only in letter case "
+        "from 'scan1'; rename one of them"
+    )
+
+
 def test_a_clash_between_a_subfolder_and_a_joined_name_leaves_the_folder_usable(tmp_path, make_ct):
     root = tmp_path / "scans"
     for name in ("sub/x.nii.gz", "sub__x.nii.gz", "y.nii.gz"):
