@@ -336,37 +336,37 @@ def _run_on_pool(
     fn: Callable[[Any], Row], tasks: list[Task], workers: int, finish: Callable[[Row], None]
 ) -> None:
     """Run the cases on a pool of ``workers`` processes. When a worker dies (a segfault, the OOM
-    killer), the cases it may have been running are rerun one by one in a process of their own,
-    which tells a crashing case from its bystanders, and a fresh pool takes the rest."""
+    killer), the cases that had started and not finished are rerun one by one in a process of
+    their own, which tells a crashing case from its bystanders, and a fresh pool takes the rest."""
     context = multiprocessing.get_context("spawn")
-    started = context.SimpleQueue()
     while tasks:
-        left = _pool_round(fn, tasks, workers, finish, context, started)
-        running = set()
-        while not started.empty():
-            running.add(started.get())
-        suspects = [t for t in left if t.case_id in running] or left[:1]  # at least one case: progress
+        left, started = _pool_round(fn, tasks, workers, finish, context)
+        suspects = [t for t in left if t.case_id in started] or left[:1]  # at least one case: progress
         for task in suspects:
             finish(_run_alone(fn, task))
         tasks = [t for t in left if t not in suspects]
 
 
 def _pool_round(
-    fn: Callable[[Any], Row],
-    tasks: list[Task],
-    workers: int,
-    finish: Callable[[Row], None],
-    context: Any,
-    started: Any,
-) -> list[Task]:
-    """Run ``tasks`` on a fresh pool until all finish or a worker dies; return those left over."""
+    fn: Callable[[Any], Row], tasks: list[Task], workers: int, finish: Callable[[Row], None], context: Any
+) -> tuple[list[Task], set[str]]:
+    """Run ``tasks`` on a fresh pool until all finish or a worker dies; return those left over and
+    the ids of the cases the workers had started."""
     recorded: set[str] = set()
+    started: set[str] = set()
+    told = context.SimpleQueue()  # read after every finished case, so its pipe never fills up
+
+    def hear() -> None:
+        while not told.empty():
+            started.add(told.get())
+
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_start_worker, initargs=(started,)
+        workers, mp_context=context, initializer=_start_worker, initargs=(told,)
     ) as pool:
         futures: dict[Future, Task] = {pool.submit(_guarded_and_told, fn, t): t for t in tasks}
         try:
             for future in as_completed(futures):
+                hear()
                 if not isinstance(future.exception(), BrokenProcessPool):
                     finish(_pool_row(future, futures[future]))
                     recorded.add(futures[future].case_id)
@@ -377,7 +377,9 @@ def _pool_round(
                     with contextlib.suppress(OSError):  # the ledger may be what cannot be written
                         finish(_pool_row(future, task))
             raise
-    return [t for t in tasks if t.case_id not in recorded]
+    hear()
+    told.close()
+    return [t for t in tasks if t.case_id not in recorded], started
 
 
 _started_queue: Any = None  # in a pool worker: where it says which case it starts

@@ -405,3 +405,15 @@ def test_a_serial_rerun_after_a_segfault_isolates_that_case_and_finishes_the_res
     latest = ledger.rows()
     assert latest["case3"].status == "error" and "SIGSEGV" in latest["case3"].reason
     assert all(latest[f"case{n}"].status == "ok" for n in (0, 1, 2, 4, 5)) and not ledger.interrupted()
+
+
+def echo(case_id: str) -> Row:
+    return Row(case_id, "ok")
+
+
+def test_a_long_batch_on_a_pool_does_not_stall_on_the_workers_start_messages(tmp_path):
+    """Each worker names the case it starts; 1,000 long ids are over 64 KiB, a pipe's buffer, so a
+    parent that read them only at the end would leave the workers blocked (it once did)."""
+    ids = [f"case{n:04d}-" + "x" * 150 for n in range(1000)]
+    rows = run_cases(echo, [Task(cid, cid) for cid in ids], Ledger(tmp_path / "ledger.csv"), workers=2)
+    assert sorted(r.case_id for r in rows) == ids and all(r.status == "ok" for r in rows)
