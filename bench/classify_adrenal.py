@@ -185,7 +185,8 @@ def train_and_test(config: Config, prep: Path) -> dict[str, float]:
     }
 
 
-def _ms(values: list[float]) -> str:
+def mean_sd(values: list[float]) -> str:
+    """``mean ± sd`` to three decimals (sd 0 for a single value)."""
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
@@ -233,10 +234,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} (MedMNIST v2) | {auc:.3f} | {acc:.3f} | |")
     cols = {k: [r[k] for r in runs] for k in runs[0]}
     print(
-        f"| medpipe {best['classify.model']} (threshold on val) | {_ms(cols['auc'])} | {_ms(cols['acc'])} "
-        f"| {_ms(cols['bacc'])} |"
+        f"| medpipe {best['classify.model']} (threshold on val) | {mean_sd(cols['auc'])} "
+        f"| {mean_sd(cols['acc'])} | {mean_sd(cols['bacc'])} |"
     )
-    print(f"training wall time per seed: {_ms(cols['seconds'])} s")
+    print(f"training wall time per seed: {mean_sd(cols['seconds'])} s")
 
     if args.no_balance_table:
         return

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import csv
 import shutil
-import statistics
 import sys
 import tempfile
 from collections import defaultdict
@@ -52,7 +51,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from classify_adrenal import BEST, DATA, grid_size, make_config, train_and_evaluate
+from classify_adrenal import BEST, DATA, grid_size, make_config, mean_sd, train_and_evaluate
 
 from pipeline.preprocess.stage import run_preprocess
 
@@ -158,13 +157,6 @@ def features_auc(
     return aucs[0], aucs[1], best_threshold(labels, scores)
 
 
-def _ms(values: list[float]) -> str:
-    if not values:
-        return ""
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -232,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n{name}\n| train fraction | cases | val AUC | test AUC | best test bACC | best test ACC |")
         print("|---|---|---|---|---|---|")
         for fraction, cell in results.items():
-            figures = " | ".join(_ms(cell[f"{model}_{k}"]) for k in ("val", "test", "bacc", "acc"))
+            figures = " | ".join(mean_sd(cell[f"{model}_{k}"]) for k in ("val", "test", "bacc", "acc"))
             print(f"| {fraction:g} | {round(fraction * len(train_rows))} | {figures} |")
 
 
