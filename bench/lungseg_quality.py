@@ -14,9 +14,10 @@ epochs of cosine schedule run to the end (no early stopping; the best val epoch 
 80 epochs beat 40 on val (seed 0, 8-wide net: best val Dice 0.9870 vs 0.9858), and 120 beat 80
 (seed 0: 0.9886 / 0.9907 mean / median against 0.9882 / 0.9906 on val's 512² grid; seeds 0-2
 pooled 0.9887 / 0.9909 against stop 14's 0.9883 / 0.9904). An epoch of the 16-wide net in
-bfloat16 took 7-9 s on the 2-core machine of earlier runs (80 epochs: 11-12 min) and 5-6 s on a
-later one (120 epochs: 9.9-12.6 min). The 16-wide net was the best width on val
-(``pipeline/models/lung_unet.py``); until bfloat16 it was too slow for the speed goal.
+bfloat16 took 7-9 s on the 2-core machine of earlier runs (80 epochs: 11-12 min), 5-6 s on a
+later one (120 epochs: 9.9-12.6 min) and 6.5-7 s on a later one still (15.0-15.7 min). The 16-wide
+net was the best width on val (``pipeline/models/lung_unet.py``); until bfloat16 it was too slow for
+the speed goal.
 
 ``--flip-tta`` scores every slice with its left-right mirror too (``segment.flip_tta``). On val
 (seeds 0-2, 120 epochs) it gave 0.9889 / 0.9913 against 0.9887 / 0.9909, but it doubles the net's
@@ -48,8 +49,10 @@ reference masks, taken to 256² and back, score 0.9995, and a finer grid did not
 8-wide net at 384², which costs the 16-wide net's time at 256²: best val Dice 0.9877 against 0.9880,
 seed 0, 12.6 min). Nor is it the nets' variance: with several seeds the bench prints the Dice
 between the seeds' masks next to their Dice with the reference. For the three 16-wide nets on val:
-0.9946 mean (median 0.9950) between seeds, 0.9883 (0.9904) against the reference. The nets
-converge on one boundary, and the reference differs from it by about twice their spread: a
+0.9946 mean (median 0.9950) between seeds, 0.9883 (0.9904) against the reference; the 120-epoch
+nets (seeds 0-2) gave 0.9952 (0.9956) and 0.9887 (0.9909) on val, 0.9933 (0.9947) and 0.9875
+(0.9881) on test. The nets converge on one boundary, and the reference differs from it by about
+twice their spread: a
 one-pixel disagreement along the contour that no net here has learnt to predict, most likely in the
 manual masks themselves.
 
