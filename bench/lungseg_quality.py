@@ -52,9 +52,8 @@ between the seeds' masks next to their Dice with the reference. For the three 16
 0.9946 mean (median 0.9950) between seeds, 0.9883 (0.9904) against the reference; the 120-epoch
 nets (seeds 0-2) gave 0.9952 (0.9956) and 0.9887 (0.9909) on val, 0.9933 (0.9947) and 0.9875
 (0.9881) on test. The nets converge on one boundary, and the reference differs from it by about
-twice their spread: a
-one-pixel disagreement along the contour that no net here has learnt to predict, most likely in the
-manual masks themselves.
+twice their spread: a one-pixel disagreement along the contour that no net here has learnt to
+predict, most likely in the manual masks themselves.
 
 Two more checks point the same way. More data would not help: with 40 of the 187 train slices left
 out (chosen by a hash of the id; 153 epochs, so the same number of steps), seed 0 scored 0.9889 /
