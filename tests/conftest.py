@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_raises() -> None:
+    """SIGINT raises KeyboardInterrupt here and in the processes the tests start, as from a terminal.
+
+    A test runner started in the background of a non-interactive shell inherits SIGINT ignored, and
+    so would every medpipe process it starts: the Ctrl-C tests would then test nothing.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
