@@ -57,8 +57,9 @@ from pipeline.preprocess.stage import run_preprocess
 
 
 def shape_features(path: Path) -> np.ndarray:
-    """Shape descriptors of one binary mask (the largest label-1 object's statistics, all voxels'
-    thickness): 24 numbers, in mm, mm² and mm³ where they have units."""
+    """Shape descriptors of one binary mask, taken as one object: 24 numbers (size, surface, Feret
+    diameter, elongation, flatness, roundness, principal moments, oriented box, distance-to-surface
+    percentiles, the number of connected pieces), in mm, mm² and mm³ where they have units."""
     image = sitk.ReadImage(str(path))
     mask = sitk.BinaryThreshold(image, 128, 255, 1, 0)
     stats = sitk.LabelShapeStatisticsImageFilter()
@@ -143,18 +144,19 @@ def best_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float
 def features_auc(
     features: dict[str, np.ndarray], rows: list[dict[str, str]], keep: set[str]
 ) -> tuple[float, float, tuple[float, float]]:
-    """Val and test AUC of the shape-descriptor logistic regression trained on ``keep``, and its
-    test ``best_threshold`` figures."""
+    """Val and test AUC of the shape-descriptor logistic regression trained on ``keep`` (its
+    regularisation fixed, not tuned), and its test ``best_threshold`` figures."""
     model = make_pipeline(StandardScaler(), LogisticRegression(C=0.3, class_weight="balanced", max_iter=5000))
     train = [r for r in rows if r["split"] == "train" and r["case_id"] in keep]
     model.fit(np.stack([features[r["case_id"]] for r in train]), [int(r["label"]) for r in train])
-    aucs = []
-    for split in ("val", "test"):
+
+    def scored(split: str) -> tuple[np.ndarray, np.ndarray]:
         part = [r for r in rows if r["split"] == split]
-        scores = model.predict_proba(np.stack([features[r["case_id"]] for r in part]))[:, 1]
         labels = np.array([int(r["label"]) for r in part])
-        aucs.append(float(roc_auc_score(labels, scores)))
-    return aucs[0], aucs[1], best_threshold(labels, scores)
+        return labels, model.predict_proba(np.stack([features[r["case_id"]] for r in part]))[:, 1]
+
+    val, test = scored("val"), scored("test")
+    return float(roc_auc_score(*val)), float(roc_auc_score(*test)), best_threshold(*test)
 
 
 def main(argv: list[str] | None = None) -> None:
