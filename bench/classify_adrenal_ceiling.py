@@ -53,7 +53,10 @@ from sklearn.preprocessing import StandardScaler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from classify_adrenal import BEST, DATA, grid_size, make_config, mean_sd, train_and_evaluate
 
+from pipeline.config import Config
 from pipeline.preprocess.stage import run_preprocess
+
+MODELS = {"cnn": "CNN-LSTM", "lr": "descriptor LR"}
 
 
 def shape_features(path: Path) -> np.ndarray:
@@ -141,11 +144,11 @@ def best_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float
     return float(((tpr + 1 - fpr) / 2).max()), float(accuracy.max())
 
 
-def features_auc(
+def descriptor_scores(
     features: dict[str, np.ndarray], rows: list[dict[str, str]], keep: set[str]
-) -> tuple[float, float, tuple[float, float]]:
-    """Val and test AUC of the shape-descriptor logistic regression trained on ``keep`` (its
-    regularisation fixed, not tuned), and its test ``best_threshold`` figures."""
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """The shape-descriptor logistic regression trained on ``keep`` (its regularisation fixed, not
+    tuned): its val AUC, and the test labels with its test scores."""
     model = make_pipeline(StandardScaler(), LogisticRegression(C=0.3, class_weight="balanced", max_iter=5000))
     train = [r for r in rows if r["split"] == "train" and r["case_id"] in keep]
     model.fit(np.stack([features[r["case_id"]] for r in train]), [int(r["label"]) for r in train])
@@ -155,8 +158,31 @@ def features_auc(
         labels = np.array([int(r["label"]) for r in part])
         return labels, model.predict_proba(np.stack([features[r["case_id"]] for r in part]))[:, 1]
 
-    val, test = scored("val"), scored("test")
-    return float(roc_auc_score(*val)), float(roc_auc_score(*test)), best_threshold(*test)
+    return float(roc_auc_score(*scored("val"))), *scored("test")
+
+
+def cnn_scores(config: Config, prep: Path) -> tuple[tuple[float, np.ndarray, np.ndarray], float]:
+    """Train the single CNN-LSTM of ``config`` on ``prep``: its val AUC, the test labels with its
+    test probabilities, and the training seconds."""
+    metrics, seconds = train_and_evaluate(config, prep)
+    with (config.run_dir / "classify" / "test_predictions.csv").open(newline="") as fh:
+        test = list(csv.DictReader(fh))
+    labels = np.array([int(r["label"]) for r in test])
+    return (metrics["val"]["auc"], labels, np.array([float(r["probability"]) for r in test])), seconds
+
+
+def record(
+    cell: dict[str, list[float]], model: str, val_auc: float, labels: np.ndarray, scores: np.ndarray
+) -> str:
+    """Add one run's val and test AUC and best-threshold figures to ``cell``; a line saying them."""
+    bacc, acc = best_threshold(labels, scores)
+    figures = {"val": val_auc, "test": float(roc_auc_score(labels, scores)), "bacc": bacc, "acc": acc}
+    for key, value in figures.items():
+        cell[f"{model}_{key}"].append(value)
+    return (
+        f"{MODELS[model]} val/test AUC {figures['val']:.3f} / {figures['test']:.3f}, "
+        f"best test bACC/ACC {bacc:.3f} / {acc:.3f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,50 +210,31 @@ def main(argv: list[str] | None = None) -> None:
     train_rows = [r for r in rows if r["split"] == "train"]
 
     results: dict[float, dict[str, list[float]]] = {f: defaultdict(list) for f in args.fractions}
+    sizes: dict[float, int] = {}
     for seed in args.seeds:
-        subsets = nested_subsets(train_rows, args.fractions, seed)
-        for fraction, keep in subsets.items():
-            cell = results[fraction]
-            line = f"seed {seed} fraction {fraction}: {len(keep)} train cases"
+        for fraction, keep in nested_subsets(train_rows, args.fractions, seed).items():
+            cell, sizes[fraction] = results[fraction], len(keep)
+            parts = [f"seed {seed} fraction {fraction}: {len(keep)} train cases"]
             if prep is not None:
                 run = out / f"f{fraction}_seed{seed}"
                 run.mkdir(parents=True, exist_ok=True)
-                sub = subset_prep(prep.resolve(), keep, out / f"prep_f{fraction}_seed{seed}")
+                sub = subset_prep(prep, keep, out / f"prep_f{fraction}_seed{seed}")
                 config = make_config(args.data, run, size, "slab", **{**single, "classify.seed": seed})
-                metrics, seconds = train_and_evaluate(config, sub)
-                cell["cnn_val"].append(metrics["val"]["auc"])
-                cell["cnn_test"].append(metrics["test"]["at_val_threshold"]["auc"]["value"])
-                with (run / "classify" / "test_predictions.csv").open(newline="") as fh:
-                    test = list(csv.DictReader(fh))
-                bacc, acc = best_threshold(
-                    np.array([int(r["label"]) for r in test]),
-                    np.array([float(r["probability"]) for r in test]),
-                )
-                cell["cnn_bacc"].append(bacc)
-                cell["cnn_acc"].append(acc)
-                line += (
-                    f", CNN-LSTM val/test AUC {cell['cnn_val'][-1]:.3f} / {cell['cnn_test'][-1]:.3f}, "
-                    f"best test bACC/ACC {bacc:.3f} / {acc:.3f} ({seconds:.0f} s)"
-                )
-            lr_val, lr_test, (bacc, acc) = features_auc(features, rows, keep)
-            for key, value in (("lr_val", lr_val), ("lr_test", lr_test), ("lr_bacc", bacc), ("lr_acc", acc)):
-                cell[key].append(value)
-            print(
-                f"{line}, shape-descriptor LR {lr_val:.3f} / {lr_test:.3f}, best test bACC/ACC "
-                f"{bacc:.3f} / {acc:.3f}",
-                flush=True,
-            )
+                scores, seconds = cnn_scores(config, sub)
+                parts.append(f"{record(cell, 'cnn', *scores)} ({seconds:.0f} s)")
+            parts.append(record(cell, "lr", *descriptor_scores(features, rows, keep)))
+            print(", ".join(parts), flush=True)
 
     print(f"\nLearning curve, AdrenalMNIST3D {size}³, seeds {args.seeds}; outputs in {out}")
     print("(best bACC / ACC: at the threshold best for each on test itself, an upper bound for any rule)")
-    for model, name in (("cnn", "CNN-LSTM"), ("lr", "descriptor LR")):
+    for model, name in MODELS.items():
         if not any(cell[f"{model}_test"] for cell in results.values()):
             continue
         print(f"\n{name}\n| train fraction | cases | val AUC | test AUC | best test bACC | best test ACC |")
         print("|---|---|---|---|---|---|")
         for fraction, cell in results.items():
             figures = " | ".join(mean_sd(cell[f"{model}_{k}"]) for k in ("val", "test", "bacc", "acc"))
-            print(f"| {fraction:g} | {round(fraction * len(train_rows))} | {figures} |")
+            print(f"| {fraction:g} | {sizes[fraction]} | {figures} |")
 
 
 if __name__ == "__main__":
